@@ -1,0 +1,1 @@
+"""elr-ingest: the command line over the `shards` format library."""

@@ -1,0 +1,402 @@
+"""build-shards: plan the layout, write tar and Zarr shards with dask, publish the set atomically.
+
+The output grows in `<out>.building/` (files under temporary names until complete, a journal of
+finished tasks in `_build/`), and is renamed to `<out>` only after `manifest.json` is written.
+A killed build is continued with `resume=True`: finished shards whose hash checks out are kept.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import BadVideoError, OutputExistsError, SourceLayoutError
+from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
+from .parallel import dask_client, run_tasks
+from .source import STREAMS, discover, load_video, scan_video
+from .tario import TarShardWriter, sample_digest
+from .zarrio import create_phase_store, shard_ranges, store_files, write_unit_range
+
+FORMATS = ("webdataset", "zarr")
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class BuildConfig:
+    out: str | None = None  # output folder; default: <data_root>-shards beside the data root
+    splits: tuple = ()  # only these Split* folders; empty: all
+    formats: tuple = FORMATS  # which copies to write
+    shard_bytes: int = 256 << 20  # target size of one tar shard
+    min_shards: int = 8  # at least this many tar shards per phase (when it has as many videos), one per reader
+    seed: int = 0  # shuffles videos across shards
+    dtype: str = "float32"  # storage dtype; float32 is lossless for C3D features
+    on_error: str = "fail"  # fail: stop at the first bad video; skip: leave it out and list it in the manifest
+    workers: int = 0  # local dask worker processes; 0: one per core
+    scheduler: str | None = None  # address of an existing dask.distributed scheduler
+    resume: bool = False  # continue an interrupted build in <out>.building
+    overwrite: bool = False  # replace an existing shard set (it stays in place until the new one is complete)
+    zarr_chunk_units: int = 32  # units per Zarr chunk (the smallest read)
+    zarr_shard_units: int = 2048  # units per Zarr shard file (one writer task each)
+    progress: bool = field(default=True, repr=False)
+
+    def __post_init__(self):
+        self.formats, self.splits = tuple(self.formats), tuple(self.splits)
+        if not self.formats or set(self.formats) - set(FORMATS):
+            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.shard_bytes <= 0 or self.min_shards < 1 or self.workers < 0:
+            raise ValueError("shard_bytes must be > 0, min_shards >= 1 and workers >= 0")
+        if self.zarr_chunk_units < 1 or self.zarr_shard_units % self.zarr_chunk_units:
+            raise ValueError("zarr_shard_units must be a positive multiple of zarr_chunk_units")
+
+    def recorded(self) -> dict:
+        """The options that shape the output (stored in the plan and the manifest)."""
+        keep = ("splits", "formats", "shard_bytes", "min_shards", "seed", "dtype", "on_error",
+                "zarr_chunk_units", "zarr_shard_units")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_out(data_root: str) -> str:
+    return os.path.abspath(data_root).rstrip(os.sep) + "-shards"
+
+
+def build_shards(data_root: str, cfg: BuildConfig) -> dict:
+    """Turn the seed's feature tree under `data_root` into a shard set; returns the manifest."""
+    root = os.path.abspath(data_root)  # abspath keeps a symlinked data root as the user named it
+    out = os.path.abspath(cfg.out) if cfg.out else default_out(root)
+    staging = out + ".building"
+    if _prepare_output(out, staging, cfg):
+        return read_manifest(out)
+    if os.path.exists(os.path.join(staging, MANIFEST_NAME)):  # killed after the manifest, before the rename
+        return _publish(staging, out)
+
+    tree = discover(root, cfg.splits)
+    created_staging = not os.path.isdir(staging)
+    try:
+        with dask_client(cfg.workers, cfg.scheduler) as client:
+            units, dim, skipped = _scan(client, tree, cfg)
+            plan = _plan(tree, units, dim, skipped, cfg)
+            journal = _Journal(staging, plan)
+            manifest = _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out)
+    except BadVideoError:
+        # bad input: nothing of this build may look usable; an interrupted earlier build is kept
+        if created_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_json_atomic(os.path.join(staging, MANIFEST_NAME), manifest)
+    return _publish(staging, out)
+
+
+def _prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
+    """Refuse to clobber; returns True when there is nothing to do (resume of a finished build)."""
+    complete = os.path.exists(os.path.join(out, MANIFEST_NAME))
+    if os.path.isdir(out) and not complete and os.listdir(out):
+        raise OutputExistsError(f"{out}: exists and is not a shard set (no {MANIFEST_NAME}); choose another --out")
+    if os.path.isdir(staging):
+        if cfg.resume:
+            return False
+        if not cfg.overwrite:
+            raise OutputExistsError(
+                f"{staging}: an interrupted build is here; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(staging)
+    if complete and cfg.resume and not cfg.overwrite:
+        log(f"nothing to resume: {out} is complete")
+        return True
+    if complete and not cfg.overwrite:
+        raise OutputExistsError(f"{out}: a shard set already exists; pass --overwrite to replace it")
+    return False
+
+
+def _publish(staging: str, out: str) -> dict:
+    shutil.rmtree(os.path.join(staging, "_build"), ignore_errors=True)
+    if os.path.isdir(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+    return read_manifest(out)
+
+
+# ---- scan: headers only, in parallel ---------------------------------------------------------
+
+
+def _scan_batch(videos):
+    results = []
+    for v in videos:
+        try:
+            results.append(("ok", scan_video(v)))
+        except BadVideoError as e:
+            results.append(("bad", (e.class_name, e.video, e.path, e.problem)))
+    return results
+
+
+def _scan(client, tree, cfg):
+    """Check every video's headers: {key: units}, the dataset dim, and {key: skip record}."""
+    videos = [v for vs in tree.phases.values() for v in vs]
+    batches = [videos[i:i + 256] for i in range(0, len(videos), 256)]
+    found = run_tasks(client, [(_scan_batch, b) for b in batches], "scan", len(videos), cfg.progress, count=len)
+    results = [r for batch in found for r in batch]
+    dims = Counter(r[1][1] for r in results if r[0] == "ok")
+    dim = max(sorted(dims), key=lambda d: dims[d]) if dims else 0
+    units, skipped = {}, {}
+    for v, (status, info) in zip(videos, results):
+        if status == "ok" and info[1] != dim:
+            status, info = "bad", (v.class_name, v.video, v.paths[0], f"has dim {info[1]}, the dataset's dim is {dim}")
+        if status == "ok":
+            units[v.key] = info[0]
+        elif cfg.on_error == "fail":
+            raise BadVideoError(*info)
+        else:
+            skipped[v.key] = _skip_record(*info)
+    return units, dim, skipped
+
+
+def _skip_record(class_name, video, path, problem):
+    return {"class": class_name, "video": video, "path": path, "reason": problem}
+
+
+# ---- plan: which video goes to which shard --------------------------------------------------
+
+
+def _balanced_cut(sizes, n):
+    """Split `sizes` into n contiguous non-empty groups of about equal total; returns boundaries."""
+    total, cum, bounds = sum(sizes), np.cumsum(sizes), [0]
+    for k in range(1, n):
+        i = int(np.searchsorted(cum, total * k / n)) + 1
+        bounds.append(min(max(i, bounds[-1] + 1), len(sizes) - (n - k)))
+    return bounds + [len(sizes)]
+
+
+def _plan(tree, units, dim, skipped, cfg):
+    itemsize = np.dtype(cfg.dtype).itemsize
+    label = {c: i for i, c in enumerate(tree.classes)}
+    phases = {}
+    for (split, phase), videos in tree.phases.items():
+        order = [v for v in videos if v.key not in skipped]
+        random.Random(f"{cfg.seed}:{split}:{phase}").shuffle(order)
+        shards = []
+        if order:
+            sizes = [units[v.key] * dim * itemsize * len(STREAMS) + 4096 for v in order]
+            n = max(math.ceil(sum(sizes) / cfg.shard_bytes), min(cfg.min_shards, len(order)))
+            bounds = _balanced_cut(sizes, min(n, len(order)))
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                shards.append({"name": f"{split}/{phase}/{phase}-{i:06d}.tar",
+                               "videos": [[v.key, label[v.class_name], units[v.key]] for v in order[a:b]]})
+        phases[f"{split}/{phase}"] = {"shards": shards}
+    by_key = {v.key: v for vs in tree.phases.values() for v in vs}
+    return {"options": cfg.recorded(), "source_digest": tree.digest(), "dim": dim, "phases": phases,
+            "_videos": by_key}
+
+
+class _Journal:
+    """`_build/` in the staging folder: the plan, and one record per finished task."""
+
+    def __init__(self, staging, plan):
+        self.staging, self.folder = staging, os.path.join(staging, "_build")
+        saved_plan = {k: v for k, v in plan.items() if not k.startswith("_")}
+        path = os.path.join(self.folder, "plan.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                if json.load(f) != json.loads(json.dumps(saved_plan)):  # compare as JSON (tuples -> lists)
+                    raise OutputExistsError(
+                        f"{staging}: the source tree or options changed since the interrupted build; "
+                        "pass --overwrite to start over"
+                    )
+        else:
+            write_json_atomic(path, saved_plan)
+
+    def _path(self, name):
+        return os.path.join(self.folder, "done", name + ".json")
+
+    def done(self, name, files=()):
+        """The record of a finished task, if it exists and its files still hash the same."""
+        path = self._path(name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            record = json.load(f)
+        for rel, sha in files_of(record):
+            full = os.path.join(self.staging, rel)
+            if not os.path.exists(full) or file_sha256(full) != sha:
+                return None
+        return record
+
+    def record(self, name, record):
+        write_json_atomic(self._path(name), record)
+
+
+def files_of(record):
+    """(relative path, sha256) of the files a task record vouches for."""
+    return [(f["path"], f["sha256"]) for f in record.get("files", [])]
+
+
+# ---- the tasks (run on dask workers) -------------------------------------------------------
+
+
+def _tar_task(staging, shard, videos, dtype, on_error, write):
+    """Load, validate and (if `write`) store one tar shard's videos; returns the task record."""
+    samples, skipped, nbytes = [], [], 0
+    writer = TarShardWriter(os.path.join(staging, shard["name"])) if write else None
+    try:
+        for (key, label, _), v in zip(shard["videos"], videos):
+            try:
+                arrays = load_video(v, dtype)
+            except BadVideoError as e:
+                if on_error == "fail":
+                    raise
+                skipped.append(_skip_record(e.class_name, e.video, e.path, e.problem))
+                continue
+            meta = _sample_meta(v, label, arrays["lr_rgb"].shape[0])
+            if writer:
+                writer.write(key, arrays, meta)
+            nbytes += sum(a.nbytes for a in arrays.values())
+            samples.append({"key": key, "label": label, "class": v.class_name, "video": v.video,
+                            "units": meta["units"], "shard": os.path.basename(shard["name"]),
+                            "digest": sample_digest(arrays)})
+        record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "files": []}
+        if writer:
+            info = writer.close()
+            record["files"] = [{"path": shard["name"], "bytes": info["bytes"], "sha256": info["sha256"]}]
+        return record
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+
+
+def _sample_meta(v, label, units):
+    return {"label": label, "class": v.class_name, "video": v.video, "units": units,
+            "split": v.split, "phase": v.phase}
+
+
+def _zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
+    """Fill units [start, stop) of every stream from the videos overlapping it, write, hash the files."""
+    blocks = {s: np.zeros((stop - start, dim), dtype=dtype) for s in STREAMS}
+    for v, offset in pieces:
+        arrays = load_video(v, dtype)
+        t = arrays["lr_rgb"].shape[0]
+        a, b = max(start, offset), min(stop, offset + t)
+        for s in STREAMS:
+            blocks[s][a - start:b - start] = arrays[s][a - offset:b - offset]
+    store = os.path.join(staging, store_rel)
+    written = write_unit_range(store, start, stop, blocks)
+    files = []
+    for rel in written:
+        full = os.path.join(store, rel)
+        files.append({"path": f"{store_rel}/{rel}", "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
+    return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "units": stop - start}
+
+
+# ---- orchestration --------------------------------------------------------------------------
+
+
+def _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out):
+    videos = plan["_videos"]
+    write_tar = "webdataset" in cfg.formats
+    calls, names = [], []
+    for phase_name, phase in plan["phases"].items():
+        for shard in phase["shards"]:
+            if journal.done(shard["name"]) is None:
+                names.append(shard["name"])
+                calls.append((_tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
+                              cfg.dtype, cfg.on_error, write_tar))
+    n_videos = sum(len(c[3]) for c in calls)
+    desc = "tar shards" if write_tar else "validate"
+    for name, record in zip(names, run_tasks(client, calls, desc, n_videos, cfg.progress,
+                                             count=lambda r: len(r["samples"]) + len(r["skipped"]),
+                                             nbytes=lambda r: r["nbytes"])):
+        journal.record(name, record)
+
+    phases = {}
+    for phase_name, phase in plan["phases"].items():
+        split, phase_id = phase_name.split("/")
+        records = [journal.done(s["name"]) for s in phase["shards"]]
+        samples = [s for r in records for s in r["samples"]]
+        entry = {"samples": samples,
+                 "skipped": sorted([r for k, r in skipped.items()
+                                    if (videos[k].split, videos[k].phase) == (split, phase_id)]
+                                   + [s for r in records for s in r["skipped"]],
+                                   key=lambda r: (r["class"], r["video"]))}
+        if write_tar:
+            entry["webdataset"] = {"shards": [
+                {"path": f["path"], "samples": len(r["samples"]), "bytes": f["bytes"], "sha256": f["sha256"]}
+                for r in records for f in r["files"]]}
+        phases[phase_name] = entry
+    if "zarr" in cfg.formats:
+        _write_zarr(client, plan, journal, phases, dim, cfg)
+
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "options": cfg.recorded(), "classes": tree.classes, "dim": dim, "dtype": cfg.dtype,
+        "streams": list(STREAMS),
+        "source": {"root": root, "digest": plan["source_digest"], "files": tree.n_files()},
+        "splits": {},
+    }
+    for phase_name, entry in phases.items():
+        split, phase_id = phase_name.split("/")
+        if not entry["samples"]:
+            raise SourceLayoutError(f"{root}/{split}: phase {phase_id} has no usable videos (all skipped)")
+        manifest["splits"].setdefault(split, {})[phase_id] = entry
+    return manifest
+
+
+def _write_zarr(client, plan, journal, phases, dim, cfg):
+    videos = plan["_videos"]
+    calls, names = [], []
+    layouts = {}
+    for phase_name, entry in phases.items():
+        samples = entry["samples"]
+        offsets = np.concatenate([[0], np.cumsum([s["units"] for s in samples])]).astype(np.int64)
+        store_rel = f"{phase_name}.zarr"
+        meta_name = f"{store_rel}/metadata"
+        if journal.done(meta_name) is None:
+            create_phase_store(os.path.join(journal.staging, store_rel), dim, cfg.dtype, offsets,
+                               [s["label"] for s in samples], [s["key"] for s in samples],
+                               cfg.zarr_chunk_units, cfg.zarr_shard_units)
+            journal.record(meta_name, {"files": []})
+        ranges = shard_ranges(int(offsets[-1]), cfg.zarr_shard_units)
+        layouts[phase_name] = (store_rel, offsets, ranges)
+        for start, stop in ranges:
+            name = f"{store_rel}/{start:012d}"
+            if journal.done(name) is not None:
+                continue
+            first = int(np.searchsorted(offsets, start, side="right")) - 1
+            last = int(np.searchsorted(offsets, stop, side="left"))
+            pieces = [(videos[samples[i]["key"]], int(offsets[i])) for i in range(first, last)]
+            names.append(name)
+            calls.append((_zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype))
+    total_units = sum(c[4] - c[3] for c in calls)
+    for name, record in zip(names, run_tasks(client, calls, "zarr shards", total_units, cfg.progress,
+                                             count=lambda r: r["units"], nbytes=lambda r: r["nbytes"])):
+        journal.record(name, record)
+
+    for phase_name, (store_rel, offsets, ranges) in layouts.items():
+        data_files = {f["path"]: f for start, _ in ranges
+                      for f in journal.done(f"{store_rel}/{start:012d}")["files"]}
+        files = []
+        for rel in store_files(os.path.join(journal.staging, store_rel)):
+            path = f"{store_rel}/{rel}"
+            full = os.path.join(journal.staging, path)
+            files.append(data_files.get(path) or {"path": path, "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
+        entry = phases[phase_name]
+        for i, s in enumerate(entry["samples"]):
+            s["index"] = i
+        entry["zarr"] = {"path": store_rel, "units": int(offsets[-1]), "chunk_units": cfg.zarr_chunk_units,
+                         "shard_units": cfg.zarr_shard_units, "files": files}

@@ -1,0 +1,56 @@
+"""Read and write `.npy` bytes without ever unpickling, with errors that say what is wrong."""
+
+import io
+
+import numpy as np
+
+
+class NpyFormatError(ValueError):
+    """The bytes are not a readable numeric `.npy` array; the message says why."""
+
+
+def parse_npy_header(fp):
+    """Read the header of an open `.npy` file: (shape, fortran_order, dtype, data_offset)."""
+    try:
+        version = np.lib.format.read_magic(fp)
+    except ValueError:
+        raise NpyFormatError("not a .npy file (bad magic bytes)") from None
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise NpyFormatError(f"unsupported .npy version {version[0]}.{version[1]}")
+    except NpyFormatError:
+        raise
+    except Exception as e:  # numpy raises ValueError/SyntaxError on mangled headers
+        raise NpyFormatError(f"unreadable .npy header ({e})") from None
+    if dtype.hasobject:
+        raise NpyFormatError(f"holds Python objects (dtype {dtype}); refusing to unpickle")
+    return shape, fortran, dtype, fp.tell()
+
+
+def npy_from_bytes(raw) -> np.ndarray:
+    """Decode `.npy` bytes into an array viewing `raw` (no copy, no pickle)."""
+    fp = io.BytesIO(raw)
+    shape, fortran, dtype, offset = parse_npy_header(fp)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    found = len(raw) - offset
+    if found < expected:
+        raise NpyFormatError(f"truncated: header promises {expected} data bytes, found {found}")
+    if found > expected:
+        raise NpyFormatError(f"{found - expected} unexpected trailing bytes after the array data")
+    count = expected // dtype.itemsize if dtype.itemsize else 0
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def npy_to_bytes(arr: np.ndarray) -> bytes:
+    """Encode an array as canonical `.npy` bytes (version 1.0, C order, little-endian)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    out = io.BytesIO()
+    np.lib.format.write_array(out, arr, version=(1, 0), allow_pickle=False)
+    return out.getvalue()

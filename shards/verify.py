@@ -1,0 +1,215 @@
+"""verify: prove a shard set is complete and intact, against its manifest and optionally its source."""
+
+import hashlib
+import io
+import os
+from collections import Counter
+
+import numpy as np
+
+from .errors import BadVideoError, ELRError
+from .manifest import file_sha256, iter_phases, read_manifest
+from .parallel import dask_client, run_tasks
+from .source import STREAMS, SourceVideo, discover, load_video
+from .tario import decode_sample, group_samples, iter_members, sample_digest
+from .zarrio import ZarrPhaseReader, store_files
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads `raw` and hashes every byte handed out, so one pass both decodes and checks a shard."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        n = self.raw.readinto(buf)
+        self.sha.update(memoryview(buf)[:n])
+        self.nbytes += n
+        return n
+
+    def drain(self):
+        while self.readinto(bytearray(1 << 20)):
+            pass
+
+
+def _check_arrays(sample, where, dim, dtype, fields=tuple(STREAMS)):
+    problems = []
+    shapes = {s: sample[s].shape for s in fields}
+    if any(len(sh) != 2 for sh in shapes.values()):
+        return [f"{where}: arrays must be 2-D, found {shapes}"]
+    if len({sh[0] for sh in shapes.values()}) != 1 or any(sh[1] != dim for sh in shapes.values()):
+        problems.append(f"{where}: streams disagree or dim is not {dim}: {shapes}")
+    for s in fields:
+        if sample[s].dtype != np.dtype(dtype):
+            problems.append(f"{where}: {s} has dtype {sample[s].dtype}, expected {dtype}")
+        elif not np.isfinite(sample[s]).all():
+            problems.append(f"{where}: {s} has non-finite values")
+    return problems
+
+
+def _source_video(source, split, phase, entry):
+    paths = tuple(os.path.join(source, split, f"{phase}_{suffix}", entry["class"], entry["video"] + ".npy")
+                  for suffix in STREAMS.values())
+    return SourceVideo(split, phase, entry["class"], entry["video"], paths, 0)
+
+
+def _compare_source(sample, entry, where, source, split, phase, dtype):
+    try:
+        arrays = load_video(_source_video(source, split, phase, entry), dtype)
+    except BadVideoError as e:
+        return [f"{where}: source unreadable: {e}"]
+    return [f"{where}: {s} differs from its source {_source_video(source, split, phase, entry).paths[i]}"
+            for i, s in enumerate(STREAMS) if not np.array_equal(arrays[s], sample[s])]
+
+
+def _verify_tar(shards_dir, split, phase, shard, expected, dim, dtype, n_classes, source):
+    """Hash, decode and check one tar shard; returns the keys seen and the problems found."""
+    name, path = shard["path"], os.path.join(shards_dir, shard["path"])
+    if not os.path.exists(path):
+        return {"seen": [], "problems": [f"{name}: missing"], "n": shard["samples"]}
+    problems, seen = [], []
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        try:
+            for raw_sample in group_samples(iter_members(io.BufferedReader(reader, 1 << 20), name), name):
+                key = raw_sample["__key__"]
+                where = f"{name}: key {key}"
+                sample = decode_sample(raw_sample, name)
+                meta, entry = sample["meta"], expected.get(key)
+                seen.append((key, meta.get("label")))
+                found = _check_arrays(sample, where, dim, dtype)
+                if not isinstance(meta.get("label"), int) or not 0 <= meta["label"] < n_classes:
+                    found.append(f"{where}: label {meta.get('label')!r} out of range 0..{n_classes - 1}")
+                if entry is None:
+                    found.append(f"{where}: not in the manifest")
+                else:
+                    found += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
+                              for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
+                if not found and sample_digest(sample) != entry["digest"]:
+                    found.append(f"{where}: content digest differs from the manifest")
+                elif not found and source:
+                    found += _compare_source(sample, entry, where, source, split, phase, dtype)
+                problems += found
+        except ELRError as e:
+            problems.append(str(e))
+        reader.drain()
+    if reader.nbytes != shard["bytes"]:
+        problems.append(f"{name}: {reader.nbytes} bytes, manifest says {shard['bytes']}")
+    elif reader.sha.hexdigest() != shard["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    return {"seen": seen, "problems": problems, "n": shard["samples"]}
+
+
+def _verify_zarr_files(shards_dir, files):
+    problems = []
+    for f in files:
+        full = os.path.join(shards_dir, f["path"])
+        if not os.path.exists(full):
+            problems.append(f"{f['path']}: missing")
+        elif os.path.getsize(full) != f["bytes"]:
+            problems.append(f"{f['path']}: {os.path.getsize(full)} bytes, manifest says {f['bytes']}")
+        elif file_sha256(full) != f["sha256"]:
+            problems.append(f"{f['path']}: sha256 differs from the manifest")
+    return {"seen": [], "problems": problems, "n": 0}
+
+
+def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
+    """Read samples first..last-1 of a Zarr store and match them with the manifest (order, label, content)."""
+    problems = []
+    try:
+        reader = ZarrPhaseReader(os.path.join(shards_dir, store_rel))
+        for entry, sample in zip(entries, reader.iter_range(first, last)):
+            where = f"{store_rel}: sample {entry['index']} (key {sample['__key__']})"
+            if (sample["__key__"], sample["label"]) != (entry["key"], entry["label"]):
+                problems.append(f"{where}: manifest expects key {entry['key']} label {entry['label']}")
+                continue
+            found = _check_arrays(sample, where, dim, dtype)
+            if not found and sample_digest(sample) != entry["digest"]:
+                found.append(f"{where}: content differs from the manifest (and the tar copy)")
+            problems += found
+    except Exception as e:  # a damaged store fails inside zarr with many exception types
+        problems.append(f"{store_rel}: unreadable ({type(e).__name__}: {e})")
+    return {"seen": [], "problems": problems, "n": last - first}
+
+
+def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True) -> dict:
+    """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
+    manifest = read_manifest(shards_dir)
+    dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
+    source = os.path.abspath(source) if source else None
+    calls, problems, total = [], [], 0
+    for split, phase, entry in iter_phases(manifest):
+        by_shard = {}
+        for s in entry["samples"]:
+            by_shard.setdefault(s.get("shard"), {})[s["key"]] = s
+        for shard in entry.get("webdataset", {}).get("shards", []):
+            expected = by_shard.get(os.path.basename(shard["path"]), {})
+            calls.append((_verify_tar, shards_dir, split, phase, shard, expected, dim, dtype, n_classes, source))
+            total += shard["samples"]
+        if "zarr" in entry:
+            z = entry["zarr"]
+            listed = {f["path"] for f in z["files"]}
+            on_disk = {f"{z['path']}/{rel}" for rel in store_files(os.path.join(shards_dir, z["path"]))}
+            problems += [f"{p}: not in the manifest" for p in sorted(on_disk - listed)]
+            for i in range(0, len(z["files"]), 16):
+                calls.append((_verify_zarr_files, shards_dir, z["files"][i:i + 16]))
+            samples = entry["samples"]
+            for i in range(0, len(samples), 256):
+                calls.append((_verify_zarr_range, shards_dir, z["path"], i, min(i + 256, len(samples)),
+                              samples[i:i + 256], dim, dtype))
+                total += min(256, len(samples) - i)
+    with dask_client(workers, scheduler) as client:
+        results = run_tasks(client, calls, "verify", total, progress, count=lambda r: r["n"])
+
+    seen = Counter()
+    labels = {}
+    for r in results:
+        problems += r["problems"]
+        for key, label in r["seen"]:
+            seen[key] += 1
+            labels[key] = label
+    problems += [f"key {k}: appears {n} times across the tar shards" for k, n in sorted(seen.items()) if n > 1]
+    for split, phase, entry in iter_phases(manifest):
+        if "webdataset" not in entry:
+            continue
+        for s in entry["samples"]:
+            if s["key"] not in seen:
+                problems.append(f"{split}/{phase}/{s.get('shard')}: key {s['key']} ({s['class']}/{s['video']}) "
+                                "is in the manifest but not in the shard")
+        want = Counter(s["label"] for s in entry["samples"])
+        got = Counter(labels[s["key"]] for s in entry["samples"] if s["key"] in labels)
+        for label in sorted(set(want) | set(got)):
+            if want[label] != got[label]:
+                problems.append(f"{split}/{phase}: class {manifest['classes'][label]}: "
+                                f"{got[label]} samples in the tars, manifest says {want[label]}")
+    n_source = 0
+    if source:
+        n_source, found = _check_source_coverage(manifest, source)
+        problems += found
+    checked = {"tar_shards": sum(1 for c in calls if c[0] is _verify_tar), "samples": sum(seen.values()),
+               "zarr_files": sum(len(e["zarr"]["files"]) for *_, e in iter_phases(manifest) if "zarr" in e),
+               "source_videos": n_source}
+    return {"ok": not problems, "problems": problems, "checked": checked}
+
+
+def _check_source_coverage(manifest, source):
+    """Every source video is in the set exactly once (as a sample or as a listed skip)."""
+    tree = discover(source, sorted(manifest["splits"]))
+    problems, n = [], 0
+    for (split, phase), videos in tree.phases.items():
+        entry = manifest["splits"].get(split, {}).get(phase)
+        if entry is None:
+            problems.append(f"{split}/{phase}: in the source but not in the shard set")
+            continue
+        listed = Counter((s["class"], s["video"]) for s in entry["samples"])
+        listed.update((s["class"], s["video"]) for s in entry["skipped"])
+        for v in videos:
+            n += 1
+            count = listed.pop((v.class_name, v.video), 0)
+            if count != 1:
+                problems.append(f"{split}/{phase}: source video {v.class_name}/{v.video} appears {count} times")
+        problems += [f"{split}/{phase}: {c}/{name} is in the shard set but not in the source" for c, name in listed]
+    return n, problems

@@ -1,0 +1,82 @@
+"""Zarr v3 phase stores: each stream a ragged [units, dim] array, sharded along units, plus offsets.
+
+Streams are separate arrays, so a reader can take the LR streams of a video without touching HR bytes.
+"""
+
+import os
+from bisect import bisect_right
+
+import numpy as np
+import zarr
+
+from .source import STREAMS
+
+_WRITE_CONFIG = {"write_empty_chunks": True}  # every shard file exists, so the file list is predictable
+
+
+def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, chunk_units: int, shard_units: int):
+    """Create the group, its arrays and attributes (no stream data yet)."""
+    n_units = int(offsets[-1])
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    for stream in STREAMS:
+        group.create_array(
+            stream, shape=(n_units, dim), dtype=dtype, chunks=(chunk_units, dim), shards=(shard_units, dim),
+            compressors=None, fill_value=0.0, dimension_names=("unit", "feature"),
+        )
+    group.create_array("offsets", data=np.asarray(offsets, dtype=np.int64), chunks=(len(offsets),), compressors=None)
+    group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),), compressors=None)
+    group.attrs.update({"keys": list(keys), "streams": list(STREAMS), "shard_units": shard_units})
+
+
+def shard_ranges(n_units: int, shard_units: int):
+    """Unit ranges [start, stop) of the store's shards: one writer task each, so no two tasks share a file."""
+    return [(a, min(a + shard_units, n_units)) for a in range(0, n_units, shard_units)]
+
+
+def write_unit_range(path: str, start: int, stop: int, blocks: dict) -> list:
+    """Write whole shards [start, stop) of every stream; returns the relative paths of the files written."""
+    written = []
+    for stream in STREAMS:
+        arr = zarr.open_array(os.path.join(path, stream), mode="r+", config=_WRITE_CONFIG)
+        arr[start:stop] = blocks[stream]
+        index = start // arr.shards[0]
+        written.append(f"{stream}/c/{index}/0")
+    return written
+
+
+def store_files(path: str) -> list:
+    """Every file of a store, relative to it, sorted."""
+    found = []
+    for folder, _, files in os.walk(path):
+        found += [os.path.relpath(os.path.join(folder, f), path) for f in files]
+    return sorted(found)
+
+
+class ZarrPhaseReader:
+    """Random and range access to the samples of one phase store."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.group = zarr.open_group(path, mode="r")
+        self.offsets = self.group["offsets"][:]
+        self.labels = self.group["labels"][:]
+        self.keys = list(self.group.attrs["keys"])
+        self.arrays = {s: self.group[s] for s in STREAMS}
+
+    def __len__(self):
+        return len(self.keys)
+
+    def iter_range(self, first: int, last: int, fields=tuple(STREAMS)):
+        """Samples first..last-1 as dicts, read with one contiguous slice per stream (no HR bytes if not asked)."""
+        if first >= last:
+            return
+        lo, hi = int(self.offsets[first]), int(self.offsets[last])
+        blocks = {s: self.arrays[s][lo:hi] for s in fields}
+        for i in range(first, last):
+            a, b = int(self.offsets[i]) - lo, int(self.offsets[i + 1]) - lo
+            sample = {"__key__": self.keys[i], "label": int(self.labels[i])}
+            sample.update({s: blocks[s][a:b] for s in fields})
+            yield sample
+
+    def sample_at_unit(self, unit: int) -> int:
+        return bisect_right(self.offsets, unit) - 1
