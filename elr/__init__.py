@@ -1,0 +1,1 @@
+"""Model and data-loading code for the coupled two-stream eLR network."""

@@ -74,8 +74,11 @@ def default_out(data_root: str) -> str:
     return os.path.abspath(data_root).rstrip(os.sep) + "-shards"
 
 
-def build_shards(data_root: str, cfg: BuildConfig) -> dict:
-    """Turn the seed's feature tree under `data_root` into a shard set; returns the manifest."""
+def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
+    """Turn the seed's feature tree under `data_root` into a shard set; returns the manifest.
+
+    `client`: an existing dask Client to run on (else cfg.scheduler, else a local cluster).
+    """
     root = os.path.abspath(data_root)  # abspath keeps a symlinked data root as the user named it
     out = os.path.abspath(cfg.out) if cfg.out else default_out(root)
     staging = out + ".building"
@@ -87,7 +90,7 @@ def build_shards(data_root: str, cfg: BuildConfig) -> dict:
     tree = discover(root, cfg.splits)
     created_staging = not os.path.isdir(staging)
     try:
-        with dask_client(cfg.workers, cfg.scheduler) as client:
+        with dask_client(cfg.workers, cfg.scheduler, client) as client:
             units, dim, skipped = _scan(client, tree, cfg)
             plan = _plan(tree, units, dim, skipped, cfg)
             journal = _Journal(staging, plan)
@@ -270,7 +273,7 @@ def _tar_task(staging, shard, videos, dtype, on_error, write):
             samples.append({"key": key, "label": label, "class": v.class_name, "video": v.video,
                             "units": meta["units"], "shard": os.path.basename(shard["name"]),
                             "digest": sample_digest(arrays)})
-        record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "files": []}
+        record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "count": len(videos), "files": []}
         if writer:
             info = writer.close()
             record["files"] = [{"path": shard["name"], "bytes": info["bytes"], "sha256": info["sha256"]}]
@@ -301,28 +304,25 @@ def _zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
     for rel in written:
         full = os.path.join(store, rel)
         files.append({"path": f"{store_rel}/{rel}", "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
-    return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "units": stop - start}
+    return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "count": len(pieces)}
 
 
 # ---- orchestration --------------------------------------------------------------------------
 
 
 def _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out):
-    videos = plan["_videos"]
-    write_tar = "webdataset" in cfg.formats
-    calls, names = [], []
-    for phase_name, phase in plan["phases"].items():
-        for shard in phase["shards"]:
-            if journal.done(shard["name"]) is None:
-                names.append(shard["name"])
-                calls.append((_tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
-                              cfg.dtype, cfg.on_error, write_tar))
-    n_videos = sum(len(c[3]) for c in calls)
-    desc = "tar shards" if write_tar else "validate"
-    for name, record in zip(names, run_tasks(client, calls, desc, n_videos, cfg.progress,
-                                             count=lambda r: len(r["samples"]) + len(r["skipped"]),
-                                             nbytes=lambda r: r["nbytes"])):
-        journal.record(name, record)
+    videos, write_tar, write_zarr = plan["_videos"], "webdataset" in cfg.formats, "zarr" in cfg.formats
+    # With --on-error fail the header scan has fixed every video's units, so the Zarr layout is known
+    # now and both copies are written at once (the disk never idles between stages). With skip, a video
+    # can still drop out in the tar stage (non-finite values), so Zarr waits for the validated list.
+    concurrent = write_zarr and cfg.on_error == "fail"
+    jobs = _tar_jobs(plan, journal, cfg)
+    if concurrent:
+        planned = {name: [tuple(v) for shard in phase["shards"] for v in shard["videos"]]
+                   for name, phase in plan["phases"].items()}
+        zarr_jobs, layouts = _zarr_jobs(plan, journal, planned, dim, cfg)
+        jobs += zarr_jobs
+    _run_jobs(client, journal, jobs, "write tar + zarr" if concurrent else "write tar" if write_tar else "validate", cfg)
 
     phases = {}
     for phase_name, phase in plan["phases"].items():
@@ -339,8 +339,14 @@ def _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out):
                 {"path": f["path"], "samples": len(r["samples"]), "bytes": f["bytes"], "sha256": f["sha256"]}
                 for r in records for f in r["files"]]}
         phases[phase_name] = entry
-    if "zarr" in cfg.formats:
-        _write_zarr(client, plan, journal, phases, dim, cfg)
+    if write_zarr:
+        validated = {name: [(s["key"], s["label"], s["units"]) for s in e["samples"]] for name, e in phases.items()}
+        if concurrent:
+            assert validated == planned, "fail mode: the tar stage cannot drop videos"
+        else:
+            zarr_jobs, layouts = _zarr_jobs(plan, journal, validated, dim, cfg)
+            _run_jobs(client, journal, zarr_jobs, "write zarr", cfg)
+        _finish_zarr(journal, phases, layouts, cfg)
 
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
@@ -357,18 +363,35 @@ def _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out):
     return manifest
 
 
-def _write_zarr(client, plan, journal, phases, dim, cfg):
-    videos = plan["_videos"]
-    calls, names = [], []
-    layouts = {}
-    for phase_name, entry in phases.items():
-        samples = entry["samples"]
-        offsets = np.concatenate([[0], np.cumsum([s["units"] for s in samples])]).astype(np.int64)
+def _tar_jobs(plan, journal, cfg):
+    """[(journal name, call)] for every tar shard not yet finished (validation only without webdataset)."""
+    videos, jobs = plan["_videos"], []
+    for phase in plan["phases"].values():
+        for shard in phase["shards"]:
+            if journal.done(shard["name"]) is None:
+                jobs.append((shard["name"], (_tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
+                                             cfg.dtype, cfg.on_error, "webdataset" in cfg.formats)))
+    return jobs
+
+
+def _run_jobs(client, journal, jobs, desc, cfg):
+    total = sum(len(call[3]) if call[0] is _tar_task else len(call[5]) for _, call in jobs)
+    results = run_tasks(client, [call for _, call in jobs], desc, total, cfg.progress,
+                        count=lambda r: r["count"], nbytes=lambda r: r["nbytes"])
+    for (name, _), record in zip(jobs, results):
+        journal.record(name, record)
+
+
+def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
+    """Create each phase store (unless the journal has it) and list the unfinished shard-range jobs."""
+    videos, jobs, layouts = plan["_videos"], [], {}
+    for phase_name, samples in samples_by_phase.items():  # samples: [(key, label, units)] in store order
+        offsets = np.concatenate([[0], np.cumsum([units for _, _, units in samples])]).astype(np.int64)
         store_rel = f"{phase_name}.zarr"
         meta_name = f"{store_rel}/metadata"
         if journal.done(meta_name) is None:
             create_phase_store(os.path.join(journal.staging, store_rel), dim, cfg.dtype, offsets,
-                               [s["label"] for s in samples], [s["key"] for s in samples],
+                               [label for _, label, _ in samples], [key for key, _, _ in samples],
                                cfg.zarr_chunk_units, cfg.zarr_shard_units)
             journal.record(meta_name, {"files": []})
         ranges = shard_ranges(int(offsets[-1]), cfg.zarr_shard_units)
@@ -379,14 +402,13 @@ def _write_zarr(client, plan, journal, phases, dim, cfg):
                 continue
             first = int(np.searchsorted(offsets, start, side="right")) - 1
             last = int(np.searchsorted(offsets, stop, side="left"))
-            pieces = [(videos[samples[i]["key"]], int(offsets[i])) for i in range(first, last)]
-            names.append(name)
-            calls.append((_zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype))
-    total_units = sum(c[4] - c[3] for c in calls)
-    for name, record in zip(names, run_tasks(client, calls, "zarr shards", total_units, cfg.progress,
-                                             count=lambda r: r["units"], nbytes=lambda r: r["nbytes"])):
-        journal.record(name, record)
+            pieces = [(videos[samples[i][0]], int(offsets[i])) for i in range(first, last)]
+            jobs.append((name, (_zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype)))
+    return jobs, layouts
 
+
+def _finish_zarr(journal, phases, layouts, cfg):
+    """Add each store's file list (with hashes) and every sample's position to the phase entries."""
     for phase_name, (store_rel, offsets, ranges) in layouts.items():
         data_files = {f["path"]: f for start, _ in ranges
                       for f in journal.done(f"{store_rel}/{start:012d}")["files"]}

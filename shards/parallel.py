@@ -9,23 +9,28 @@ from tqdm import tqdm
 
 
 @contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None):
-    """A dask Client: connected to `scheduler` if given, else to a fresh local process cluster."""
+def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
+    """A dask Client: `client` itself if given, else one connected to `scheduler`, else a local process cluster."""
     from dask.distributed import Client, LocalCluster
 
+    if client is not None:
+        yield client
+        return
     if scheduler:
         with Client(scheduler) as client:
             yield client
         return
     n = workers or os.cpu_count() or 1
-    # processes: tar writing and npy decoding hold the GIL, threads would not scale
+    # processes: tar writing and npy decoding hold the GIL, threads would not scale;
+    # worker logs are silenced because a task's error reaches the caller as the exception itself
     with LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
     ) as cluster, Client(cluster) as client:
         yield client
 
 
-def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count=lambda r: 1, nbytes=lambda r: 0):
+def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count=lambda r: 1, nbytes=lambda r: 0,
+              unit: str = "video"):
     """Submit `calls` [(fn, args...)] and return their results in order.
 
     The bar advances by `count(result)` (videos, say) and shows MB from `nbytes(result)`.
@@ -37,7 +42,7 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
     index = {f.key: i for i, f in enumerate(futures)}
     results = [None] * len(futures)
     done_bytes = 0
-    with tqdm(total=total, desc=desc, unit="video", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
         try:
             for future in as_completed(futures):
                 result = future.result()  # re-raises the worker's exception
@@ -47,5 +52,22 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
                 bar.set_postfix_str(f"{done_bytes / 1e6:,.0f} MB")
         except BaseException:
             client.cancel(futures)
+            drain_workers(client)
             raise
     return results
+
+
+def _barrier(i):
+    return i
+
+
+def drain_workers(client, timeout: float = 120) -> None:
+    """Wait until tasks already running have ended: dask lets a cancelled task run on to its end, and
+    one still writing could recreate files after the caller cleaned up. A single-threaded worker runs a
+    barrier task only once its current task is done (multi-threaded remote workers: best effort)."""
+    from dask.distributed import wait
+
+    workers = list(client.scheduler_info()["workers"])
+    barriers = [client.submit(_barrier, i, workers=[w], allow_other_workers=False, pure=False)
+                for i, w in enumerate(workers)]
+    wait(barriers, timeout=timeout)

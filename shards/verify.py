@@ -135,7 +135,7 @@ def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
     return {"seen": [], "problems": problems, "n": last - first}
 
 
-def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True) -> dict:
+def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True, client=None) -> dict:
     """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
     manifest = read_manifest(shards_dir)
     dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
@@ -161,8 +161,8 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
                 calls.append((_verify_zarr_range, shards_dir, z["path"], i, min(i + 256, len(samples)),
                               samples[i:i + 256], dim, dtype))
                 total += min(256, len(samples) - i)
-    with dask_client(workers, scheduler) as client:
-        results = run_tasks(client, calls, "verify", total, progress, count=lambda r: r["n"])
+    with dask_client(workers, scheduler, client) as client:
+        results = run_tasks(client, calls, "verify", total, progress, count=lambda r: r["n"], unit="sample")
 
     seen = Counter()
     labels = {}

@@ -1,0 +1,78 @@
+"""Benchmark build-shards and verify against `tar -cf` of the same tree, in one run.
+
+    python bench/ingest.py [--work bench/_work] [--videos-per-class 34] [--dim 4096]
+
+Generates an HMDB51-sized tree (51 classes x 34 videos x 3 phases = 5202 videos) once, warms the
+page cache, then times: tar -cf (baseline), build-shards --format webdataset, --format both, verify.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
+from shards.parallel import dask_client
+from shards.verify import verify_shards
+
+
+def tree_bytes(root):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--videos-per-class", type=int, default=34)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args()
+
+    root = os.path.join(args.work, "HMDB51")
+    if not os.path.isdir(root):
+        print(f"generating {root} ...", file=sys.stderr)
+        make_demo(root, DemoConfig(videos_per_class=args.videos_per_class, dim=args.dim))
+    size = tree_bytes(root)
+    n_videos = sum(len(fs) for d, _, fs in os.walk(root) if "_lr_features" in d)
+    subprocess.run(["tar", "-cf", "/dev/null", "-C", args.work, "HMDB51"], check=True)  # warm the page cache
+
+    rows = []
+    tar_path = os.path.join(args.work, "tree.tar")
+    t_tar, _ = timed(lambda: subprocess.run(["tar", "-cf", tar_path, "-C", args.work, "HMDB51"], check=True))
+    os.remove(tar_path)
+    rows.append(("tar -cf (baseline)", t_tar))
+
+    with dask_client(args.workers) as client:  # one cluster for all runs: startup is timed apart below
+        for label, formats in (("build-shards --format webdataset", ("webdataset",)),
+                               ("build-shards --format both", ("webdataset", "zarr"))):
+            out = os.path.join(args.work, "shards")
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = BuildConfig(out=out, formats=formats, progress=False)
+            t, _ = timed(lambda: build_shards(root, cfg, client=client))
+            rows.append((label, t))
+        t_verify, report = timed(lambda: verify_shards(out, client=client, progress=False))
+        assert report["ok"], report["problems"][:5]
+        rows.append(("verify (tar + zarr copies)", t_verify))
+    t = time.perf_counter()
+    with dask_client(args.workers):
+        t_start = time.perf_counter() - t
+    shutil.rmtree(os.path.join(args.work, "shards"), ignore_errors=True)
+
+    print(f"\ntree: {n_videos} videos x 4 streams, dim {args.dim}, {size / 1e9:.2f} GB, {os.cpu_count()} cores")
+    print(f"{'step':<36}{'seconds':>9}{'MB/s':>9}{'x tar':>8}")
+    for label, t in rows:
+        print(f"{label:<36}{t:>9.2f}{size / t / 1e6:>9.0f}{t / t_tar:>8.2f}")
+    print(f"(local dask cluster start-up, paid once per CLI call: {t_start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Streaming shard loaders: virtual data streams, length-bucketing shuffle buffers, equal steps per rank.
+
+An epoch's sample sequence (tar shards in an order shuffled by (seed, epoch), samples in stored order)
+is cut into `n_streams` contiguous virtual streams of equal length (+-1). Every global step takes one
+micro-batch of `micro_batch` videos from every stream. Rank r owns streams r, r+W, ...; DataLoader
+worker k of a rank owns every K-th of those. So:
+  - the videos of a global step do not depend on the world size (1 x 8 and 2 x 4 train the same),
+  - every rank runs exactly `steps_per_epoch` steps (a stream's last slots repeat its first videos),
+  - a rank reads only the shards of its own streams,
+  - resuming at step s regenerates the epoch and skips s steps: the same order as an uninterrupted run.
+"""
+
+import json
+import math
+import random
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.errors import ManifestError
+from shards.manifest import read_manifest
+from shards.tario import decode_sample, group_samples, iter_members, open_shard
+
+LR, HR = ("lr_rgb", "lr_flow"), ("hr_rgb", "hr_flow")
+
+
+def load_manifest(root: str) -> dict:
+    """The manifest of a local shard folder or of an http(s) base URL."""
+    if root.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(root.rstrip("/") + "/manifest.json", timeout=60) as r:
+                return json.load(r)
+        except OSError as e:
+            raise ManifestError(f"{root}/manifest.json: cannot fetch ({e})") from None
+    return read_manifest(root)
+
+
+def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
+    """[(url, n_samples)] of the tar shards of the given phases, in manifest order."""
+    shards = []
+    for phase in phases:
+        entry = manifest["splits"].get(split, {}).get(phase)
+        if entry is None or "webdataset" not in entry:
+            raise ManifestError(f"{root}: no webdataset shards for {split}/{phase}")
+        shards += [(f"{root.rstrip('/')}/{s['path']}", s["samples"]) for s in entry["webdataset"]["shards"]]
+    return shards
+
+
+@dataclass
+class StreamPlan:
+    """How one epoch is cut: computed from the manifest alone, identical on every rank."""
+    shards: list  # [(url, n_samples)]
+    n_streams: int  # virtual streams (a multiple of the world size)
+    micro_batch: int  # videos per stream per step
+
+    @property
+    def n_samples(self) -> int:
+        return sum(n for _, n in self.shards)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(self.n_samples / self.n_streams) / self.micro_batch)
+
+    def stream_pieces(self, epoch: int, seed: int, stream: int) -> list:
+        """[(url, skip, take)] that make up `stream` in `epoch`."""
+        order = list(range(len(self.shards)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        n, v = self.n_samples, self.n_streams
+        lo, hi = stream * n // v, (stream + 1) * n // v
+        pieces, start = [], 0
+        for i in order:
+            url, count = self.shards[i]
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                pieces.append((url, a - start, b - a))
+            start += count
+        return pieces
+
+
+def iter_pieces(pieces, fields):
+    """Decoded samples of [(url, skip, take)]; skipped samples are read but not decoded."""
+    for url, skip, take in pieces:
+        with open_shard(url) as stream:
+            for i, raw in enumerate(group_samples(iter_members(stream, url), url)):
+                if i >= skip + take:
+                    break
+                if i >= skip:
+                    yield decode_sample(raw, url, fields)
+
+
+def collate(samples, fields, stream: int, step: int) -> dict:
+    """Pad a micro-batch: one (B, T, D) tensor per field in the storage dtype, plus lengths and labels."""
+    lengths = [s[fields[0]].shape[0] for s in samples]
+    t_max = max(lengths)
+    batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
+             "lengths": torch.tensor(lengths), "labels": torch.tensor([s["meta"]["label"] for s in samples])}
+    for f in fields:
+        first = samples[0][f]
+        out = np.zeros((len(samples), t_max, first.shape[1]), dtype=first.dtype)
+        for i, s in enumerate(samples):
+            out[i, :lengths[i]] = s[f]
+        batch[f] = torch.from_numpy(out)
+    return batch
+
+
+def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fields, buffer: int):
+    """Exactly `steps_per_epoch` micro-batches of stream `stream`, length-bucketed inside a shuffle buffer."""
+    m, steps = plan.micro_batch, plan.steps_per_epoch
+    slots = steps * m
+    rng = random.Random(f"{seed}:{epoch}:{stream}")
+    buffer = max(m, buffer // m * m)  # a whole number of micro-batches
+
+    def slots_filled():
+        head, n = [], 0
+        for sample in iter_pieces(plan.stream_pieces(epoch, seed, stream), fields):
+            if len(head) < slots:
+                head.append(sample)
+            n += 1
+            yield sample
+        for i in range(slots - n):  # rounding: repeat the stream's first videos
+            yield head[i % len(head)]
+
+    def bucketed(window):
+        rng.shuffle(window)
+        window.sort(key=lambda s: s[fields[0]].shape[0])  # stable: equal lengths stay shuffled
+        batches = [window[i:i + m] for i in range(0, len(window), m)]
+        rng.shuffle(batches)
+        return batches
+
+    window = []
+    for sample in slots_filled():
+        window.append(sample)
+        if len(window) == buffer:
+            yield from bucketed(window)
+            window = []
+    if window:
+        yield from bucketed(window)
+
+
+class ShardStream(IterableDataset):
+    """This rank's micro-batches, in the order the step assembler expects; see the module docstring."""
+
+    def __init__(self, plan: StreamPlan, rank: int, world_size: int, fields, seed: int, buffer: int = 256):
+        if plan.n_streams % world_size:
+            raise ValueError(f"n_streams ({plan.n_streams}) must be a multiple of the world size ({world_size})")
+        self.plan, self.rank, self.world, self.fields = plan, rank, world_size, tuple(fields)
+        self.seed, self.buffer, self.epoch, self.start_step = seed, buffer, 0, 0
+        self.streams = list(range(rank, plan.n_streams, world_size))
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, step
+
+    def __iter__(self):
+        info = get_worker_info()
+        k, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.streams[k::n_workers]
+        gens = [stream_microbatches(self.plan, self.epoch, self.seed, v, self.fields, self.buffer) for v in mine]
+        for step in range(self.plan.steps_per_epoch):
+            for v, gen in zip(mine, gens):
+                samples = next(gen)
+                if step >= self.start_step:
+                    yield collate(samples, self.fields, v, step)
+
+
+def worker_count(streams_per_rank: int, wanted: int) -> int:
+    """The most DataLoader workers (<= wanted) that split the rank's streams evenly (so steps stay in order)."""
+    return max(k for k in range(1, max(1, wanted) + 1) if streams_per_rank % k == 0) if wanted > 0 else 0
+
+
+class StepLoader:
+    """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False):
+        self.dataset = dataset
+        self.num_workers = worker_count(len(dataset.streams), num_workers)
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+                                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+
+    def __len__(self):
+        return self.dataset.plan.steps_per_epoch - self.dataset.start_step
+
+    def __iter__(self):
+        per_step = len(self.dataset.streams)
+        group = []
+        for mb in self.loader:
+            group.append(mb)
+            if len(group) == per_step:
+                yield sorted(group, key=lambda b: b["stream"])
+                group = []
+
+
+def padding_fraction(micro_batches, field) -> float:
+    """Share of transferred units that are padding."""
+    real = sum(int(mb["lengths"].sum()) for mb in micro_batches)
+    total = sum(mb[field].shape[0] * mb[field].shape[1] for mb in micro_batches)
+    return 1.0 - real / total
+
+
+def merge_to_device(micro_batches, fields, device, non_blocking=False) -> dict:
+    """Move micro-batches to `device` and join them into one padded batch per field."""
+    t_max = max(mb[fields[0]].shape[1] for mb in micro_batches)
+    out = {"lengths": torch.cat([mb["lengths"] for mb in micro_batches]),
+           "labels": torch.cat([mb["labels"] for mb in micro_batches]).to(device, non_blocking=non_blocking)}
+    for f in fields:
+        parts = [mb[f].to(device, non_blocking=non_blocking) for mb in micro_batches]
+        out[f] = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, t_max - p.shape[1])) for p in parts])
+    return out
+
+
+class DevicePrefetcher:
+    """On CUDA, copy step i+1 to the GPU on a side stream while step i computes; on CPU, pass through."""
+
+    def __init__(self, steps, fields, device):
+        self.steps, self.fields, self.device = steps, fields, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def _load(self, group):
+        if not self.cuda:
+            return group, merge_to_device(group, self.fields, self.device)
+        with torch.cuda.stream(self.copy_stream):
+            return group, merge_to_device(group, self.fields, self.device, non_blocking=True)
+
+    def __iter__(self):
+        it = iter(self.steps)
+        nxt = next(it, None)
+        pending = self._load(nxt) if nxt is not None else None
+        while pending is not None:
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+                for t in pending[1].values():
+                    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                        t.record_stream(torch.cuda.current_stream(self.device))
+            group, batch = pending
+            nxt = next(it, None)
+            pending = self._load(nxt) if nxt is not None else None  # next copy overlaps this step's compute
+            yield group, batch
+
+
+def iter_eval_batches(shards, rank: int, world_size: int, fields=LR, batch: int = 64):
+    """Plain ordered batches of this rank's share of the shards (every video exactly once across ranks)."""
+    mine = shards[rank::world_size]
+    samples = []
+    for sample in iter_pieces([(url, 0, n) for url, n in mine], fields):
+        samples.append(sample)
+        if len(samples) == batch:
+            yield collate(samples, fields, rank, 0)
+            samples = []
+    if samples:
+        yield collate(samples, fields, rank, 0)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real dask LocalCluster, tiny demo trees and shard sets built from them."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
+
+TINY = dict(classes=6, videos_per_class=3, dim=16, min_units=3, max_units=9)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def demo_master(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "HMDB51"
+    make_demo(str(root), DemoConfig(**TINY, seed=1))
+    return root
+
+
+@pytest.fixture
+def demo_tree(demo_master, tmp_path):
+    """A private copy of the tiny demo tree that a test may damage."""
+    root = tmp_path / "data" / "HMDB51"
+    shutil.copytree(demo_master, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def built_master(demo_master, tmp_path_factory, dask_client):
+    out = tmp_path_factory.mktemp("built") / "HMDB51-shards"
+    build_shards(str(demo_master), BuildConfig(out=str(out), progress=False), client=dask_client)
+    return out
+
+
+@pytest.fixture
+def built(built_master, tmp_path):
+    """A private copy of a shard set built from the demo tree."""
+    out = tmp_path / "HMDB51-shards"
+    shutil.copytree(built_master, out)
+    return out
+
+
+def build(root, client, **options):
+    options.setdefault("progress", False)
+    return build_shards(str(root), BuildConfig(**options), client=client)
+
+
+def source_array(root, split, phase, stream_folder, class_name, video):
+    return np.load(os.path.join(root, split, f"{phase}_{stream_folder}", class_name, video + ".npy"),
+                   allow_pickle=False)

@@ -1,0 +1,164 @@
+"""build-shards: round trip, layout, determinism, crash safety and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY, build, source_array
+from shards.errors import OutputExistsError
+from shards.manifest import file_sha256, read_manifest
+from shards.source import STREAMS, video_key
+from shards.tario import iter_tar_samples
+from shards.zarrio import ZarrPhaseReader
+
+
+def all_files(root):
+    found = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(folder, f)
+            found[os.path.relpath(path, root)] = file_sha256(path)
+    return found
+
+
+def test_round_trip_tar_and_zarr_equal_source(demo_master, built_master):
+    m = read_manifest(str(built_master))
+    assert m["classes"] == sorted(os.listdir(demo_master / "Split1" / "Train"))
+    assert m["dim"] == TINY["dim"] and m["dtype"] == "float32"
+    n_seen = 0
+    for phase in ("Train", "Validation", "Test"):
+        entry = m["splits"]["Split1"][phase]
+        assert len(entry["samples"]) == TINY["classes"] * TINY["videos_per_class"]
+        by_key = {s["key"]: s for s in entry["samples"]}
+        zarr = ZarrPhaseReader(str(built_master / entry["zarr"]["path"]))
+        zarr_samples = {s["__key__"]: s for s in zarr.iter_range(0, len(zarr))}
+        for shard in entry["webdataset"]["shards"]:
+            for sample in iter_tar_samples(str(built_master / shard["path"])):
+                meta = sample["meta"]
+                assert sample["__key__"] == video_key("Split1", phase, meta["class"], meta["video"])
+                assert by_key[sample["__key__"]]["label"] == m["classes"].index(meta["class"]) == meta["label"]
+                for stream, folder in STREAMS.items():
+                    expected = source_array(demo_master, "Split1", phase, folder, meta["class"], meta["video"])
+                    np.testing.assert_array_equal(sample[stream], expected)
+                    np.testing.assert_array_equal(zarr_samples[sample["__key__"]][stream], expected)
+                assert meta["units"] == sample["lr_rgb"].shape[0]
+                n_seen += 1
+    assert n_seen == 3 * TINY["classes"] * TINY["videos_per_class"]
+
+
+def test_keys_are_webdataset_safe_for_real_hmdb_names(built_master):
+    m = read_manifest(str(built_master))
+    samples = [s for e in m["splits"]["Split1"].values() for s in e["samples"]]
+    names = "".join(s["video"] for s in samples)
+    for ch in "#()!&'+.":
+        assert ch in names, f"demo names should exercise {ch!r}"
+    assert all("." not in s["key"] and "/" not in s["key"] for s in samples)
+    assert len({s["key"] for s in samples}) == len(samples)
+
+
+def test_layout_min_shards_and_sizes(demo_master, tmp_path, dask_client):
+    m = build(demo_master, dask_client, out=str(tmp_path / "a"), min_shards=8, formats=("webdataset",))
+    for phase, entry in m["splits"]["Split1"].items():
+        shards = entry["webdataset"]["shards"]
+        assert [os.path.basename(s["path"]) for s in shards] == [f"{phase}-{i:06d}.tar" for i in range(8)]
+        assert sum(s["samples"] for s in shards) == 18
+        assert all(os.path.getsize(tmp_path / "a" / s["path"]) == s["bytes"] for s in shards)
+    assert not (tmp_path / "a" / "Split1" / "Train.zarr").exists()
+    # a small shard size makes more shards than min_shards: 18 videos, each ~1-3 KB -> at least 18 / 2 shards
+    m = build(demo_master, dask_client, out=str(tmp_path / "b"), shard_bytes=1500, min_shards=1, formats=("webdataset",))
+    sizes = [len(e["webdataset"]["shards"]) for e in m["splits"]["Split1"].values()]
+    assert all(n >= 9 for n in sizes), sizes
+
+
+def test_two_builds_are_byte_identical(demo_master, tmp_path, dask_client):
+    a = build(demo_master, dask_client, out=str(tmp_path / "a"))
+    b = build(demo_master, dask_client, out=str(tmp_path / "b"), workers=1)
+    assert all_files(tmp_path / "a") == all_files(tmp_path / "b")
+    assert a == b
+    c = build(demo_master, dask_client, out=str(tmp_path / "c"), seed=7)  # another shuffle: other bytes
+    assert all_files(tmp_path / "a") != all_files(tmp_path / "c")
+    assert sorted(s["key"] for s in a["splits"]["Split1"]["Train"]["samples"]) == \
+        sorted(s["key"] for s in c["splits"]["Split1"]["Train"]["samples"])
+
+
+def test_default_output_beside_symlinked_root(demo_master, tmp_path, dask_client):
+    os.makedirs(tmp_path / "data")
+    os.symlink(demo_master, tmp_path / "data" / "HMDB51")
+    build(tmp_path / "data" / "HMDB51", dask_client, formats=("webdataset",))
+    assert (tmp_path / "data" / "HMDB51-shards" / "manifest.json").exists()
+    assert not (tmp_path / "data" / "HMDB51-shards.building").exists()
+
+
+def test_existing_set_is_never_overwritten_silently(built, demo_master, dask_client):
+    before = all_files(built)
+    with pytest.raises(OutputExistsError, match=r"a shard set already exists; pass --overwrite to replace it"):
+        build(demo_master, dask_client, out=str(built), seed=3)
+    assert all_files(built) == before
+    build(demo_master, dask_client, out=str(built), seed=3, overwrite=True)
+    assert read_manifest(str(built))["options"]["seed"] == 3
+    assert not any(p.name.startswith("HMDB51-shards.old") for p in built.parent.iterdir())
+
+
+def test_float16_storage(demo_master, tmp_path, dask_client):
+    m = build(demo_master, dask_client, out=str(tmp_path / "h"), dtype="float16")
+    entry = m["splits"]["Split1"]["Test"]
+    sample = next(iter_tar_samples(str(tmp_path / "h" / entry["webdataset"]["shards"][0]["path"])))
+    meta = sample["meta"]
+    src = source_array(demo_master, "Split1", "Test", "lr_features", meta["class"], meta["video"])
+    assert sample["lr_rgb"].dtype == np.float16
+    np.testing.assert_array_equal(sample["lr_rgb"], src.astype(np.float16))
+
+
+def _done_records(staging):
+    folder = os.path.join(staging, "_build", "done")
+    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs] if os.path.isdir(folder) else []
+
+
+def test_kill_9_then_resume_equals_clean_build(tmp_path, dask_client):
+    from shards.demo import DemoConfig, make_demo
+    root = tmp_path / "data" / "HMDB51"
+    make_demo(str(root), DemoConfig(classes=12, videos_per_class=6, dim=64, min_units=3, max_units=12, seed=5))
+    out, clean = tmp_path / "data" / "HMDB51-shards", tmp_path / "clean"
+    options = ["--shard-size", "6KB", "--zarr-chunk-units", "8", "--zarr-shard-units", "32"]
+    cmd = [sys.executable, "-m", "ingest.cli", "build-shards", str(root), "--workers", "1", "-q", *options]
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
+    staging = str(out) + ".building"
+    deadline = time.time() + 120
+    while len(_done_records(staging)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the build finished before it could be killed; make the test tree bigger"
+    # nothing under a final name is incomplete: every .tar parses to its end and matches its journal record
+    for folder, _, files in os.walk(staging):
+        for f in files:
+            if f.endswith(".tar"):
+                with tarfile.open(os.path.join(folder, f)) as t:
+                    assert len(t.getmembers()) % 5 == 0
+    subprocess.run(cmd + ["--resume"], check=True, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run([sys.executable, "-m", "ingest.cli", "build-shards", str(root), "--out", str(clean),
+                    "--workers", "1", "-q", *options], check=True, stderr=subprocess.DEVNULL, timeout=300)
+    assert all_files(out) == all_files(clean)
+    result = subprocess.run([sys.executable, "-m", "ingest.cli", "verify", str(out), "--source", str(root), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith("OK: ")
+    assert not os.path.exists(staging)
+
+
+def test_resume_refuses_a_changed_source(demo_tree, tmp_path, dask_client):
+    out = tmp_path / "out"
+    staging = tmp_path / "out.building"
+    (staging / "_build").mkdir(parents=True)
+    (staging / "_build" / "plan.json").write_text(json.dumps({"options": {}, "phases": {}}))
+    with pytest.raises(OutputExistsError, match=r"an interrupted build is here; pass --resume to continue it"):
+        build(demo_tree, dask_client, out=str(out))
+    with pytest.raises(OutputExistsError, match=r"the source tree or options changed since the interrupted build"):
+        build(demo_tree, dask_client, out=str(out), resume=True)
