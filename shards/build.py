@@ -20,7 +20,7 @@ from . import __version__
 from .errors import BadVideoError, OutputExistsError, SourceLayoutError
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
 from .parallel import dask_client, run_tasks
-from .source import STREAMS, discover, load_video, scan_video
+from .source import STREAMS, discover, load_video, read_ahead, scan_video
 from .tario import TarShardWriter, sample_digest
 from .zarrio import create_phase_store, shard_ranges, store_files, write_unit_range
 
@@ -258,9 +258,9 @@ def _tar_task(staging, shard, videos, dtype, on_error, write):
     samples, skipped, nbytes = [], [], 0
     writer = TarShardWriter(os.path.join(staging, shard["name"])) if write else None
     try:
-        for (key, label, _), v in zip(shard["videos"], videos):
+        for (key, label, _), (v, raws) in zip(shard["videos"], read_ahead(videos)):
             try:
-                arrays = load_video(v, dtype)
+                arrays = load_video(v, dtype, raws)
             except BadVideoError as e:
                 if on_error == "fail":
                     raise
@@ -292,8 +292,8 @@ def _sample_meta(v, label, units):
 def _zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
     """Fill units [start, stop) of every stream from the videos overlapping it, write, hash the files."""
     blocks = {s: np.zeros((stop - start, dim), dtype=dtype) for s in STREAMS}
-    for v, offset in pieces:
-        arrays = load_video(v, dtype)
+    for (v, offset), (_, raws) in zip(pieces, read_ahead([v for v, _ in pieces])):
+        arrays = load_video(v, dtype, raws)
         t = arrays["lr_rgb"].shape[0]
         a, b = max(start, offset), min(stop, offset + t)
         for s in STREAMS:

@@ -159,15 +159,25 @@ def scan_video(v: SourceVideo) -> tuple:
     return _check_aligned(v, shapes)
 
 
-def load_video(v: SourceVideo, dtype: str) -> dict:
-    """Read and validate the four arrays of a video, cast to the storage dtype: {stream: [T, D] array}."""
-    arrays, shapes = {}, []
-    for stream, path in zip(STREAMS, v.paths):
+def read_video_files(v: SourceVideo) -> list:
+    """The raw bytes of a video's four files (None for a missing one): the I/O half of load_video."""
+    raws = []
+    for path in v.paths:
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                raws.append(f.read())
         except FileNotFoundError:
-            raise BadVideoError(v.class_name, v.video, path, "missing (the other streams have this video)") from None
+            raws.append(None)
+    return raws
+
+
+def load_video(v: SourceVideo, dtype: str, raws=None) -> dict:
+    """Read (unless `raws` are given) and validate the four arrays of a video, cast to the storage dtype."""
+    raws = read_video_files(v) if raws is None else raws
+    arrays, shapes = {}, []
+    for stream, path, raw in zip(STREAMS, v.paths, raws):
+        if raw is None:
+            raise BadVideoError(v.class_name, v.video, path, "missing (the other streams have this video)")
         try:
             arr = npy_from_bytes(raw)
         except NpyFormatError as e:
@@ -184,3 +194,18 @@ def load_video(v: SourceVideo, dtype: str) -> dict:
         shapes.append(arr.shape)
     _check_aligned(v, shapes)
     return arrays
+
+
+def read_ahead(videos, window: int = 8):
+    """Yield (video, raw bytes) in order while threads read the next `window` videos: cold files are
+    latency-bound, and the CPU work of one video overlaps the reads of the next ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pending = [pool.submit(read_video_files, v) for v in videos[:window]]
+        for i, v in enumerate(videos):
+            raws = pending[i].result()
+            if i + window < len(videos):
+                pending.append(pool.submit(read_video_files, videos[i + window]))
+            pending[i] = None  # drop the reference: memory stays bounded by the window
+            yield v, raws

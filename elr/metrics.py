@@ -1,0 +1,42 @@
+"""Training metrics: one JSON line per epoch, and a PNG of the curves."""
+
+import json
+import os
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: list, path: str) -> None:
+    """Loss and LR test accuracy per epoch (written to a temporary name, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    tested = [r for r in records if r.get("test_acc") is not None]
+    ax_acc.plot([r["epoch"] for r in tested], [100 * r["test_acc"] for r in tested], marker="o", color="C1")
+    if records and records[-1].get("chance"):
+        ax_acc.axhline(100 * records[-1]["chance"], ls="--", color="gray", label="chance")
+        ax_acc.legend()
+    ax_acc.set(xlabel="epoch", ylabel="top-1 %", title="LR test accuracy", ylim=(0, 100))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

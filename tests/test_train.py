@@ -1,0 +1,123 @@
+"""train/ddp.py: the three launch ways, world-size invariance, kill and resume, learning."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import build
+from shards.demo import DemoConfig, make_demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "train", "ddp.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+SMALL = ["--hidden", "16", "--batch-size", "8", "--data-streams", "2", "--workers", "0", "--no-progress",
+         "--test-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory, dask_client):
+    root = tmp_path_factory.mktemp("train") / "HMDB51"
+    make_demo(str(root), DemoConfig(classes=6, videos_per_class=4, dim=16, min_units=3, max_units=8, seed=3))
+    build(root, dask_client, formats=("webdataset",), min_shards=3)
+    return str(root) + "-shards"
+
+
+def run(cmd, timeout=240):
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_three_launch_ways_train_the_same_weights_as_one_process(train_shards, tmp_path):
+    common = ["--shards", train_shards, "--epochs", "1", "--max-steps", "2", *SMALL]
+    run([sys.executable, TRAIN, "--out", str(tmp_path / "single"), *common])
+    run(TORCHRUN + ["--nproc-per-node", "2", TRAIN, "--out", str(tmp_path / "torchrun"), *common])
+    run(TORCHRUN + [TRAIN, "--nproc", "2", "--out", str(tmp_path / "torchrun-nproc"), *common])
+    run([sys.executable, TRAIN, "--nproc", "2", "--out", str(tmp_path / "python-nproc"), *common])
+    reference = weights(tmp_path / "single")
+    for way in ("torchrun", "torchrun-nproc", "python-nproc"):
+        state = torch.load(tmp_path / way / "last.pt", weights_only=True)
+        assert (state["global_step"], state["epoch"], state["step"]) == (2, 0, 2), way
+        assert_same_weights(state["model"], reference)
+    init = torch.nn.GRU(16, 16, bidirectional=True)  # the weights did move
+    assert not torch.equal(reference["rnn1.weight_hh_l0"][:1], init.weight_hh_l0[:1])
+
+
+def test_one_step_1x8_equals_2x4(train_shards, tmp_path):
+    """Global batch 8: one process with 8 sequences, or two with 4 each, give the same weights."""
+    common = ["--shards", train_shards, "--epochs", "1", "--max-steps", "1", *SMALL]
+    run([sys.executable, TRAIN, "--out", str(tmp_path / "a"), *common])
+    run([sys.executable, TRAIN, "--nproc", "2", "--out", str(tmp_path / "b"), *common])
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_refuses_to_clobber_a_run(train_shards, tmp_path):
+    common = ["--shards", train_shards, "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r"), *SMALL]
+    run([sys.executable, TRAIN, *common])
+    result = subprocess.run([sys.executable, TRAIN, *common], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'r' / 'last.pt'} exists; pass --resume to continue that run" in result.stderr
+
+
+def wait_for_step(out, at_least, proc, timeout=120):
+    path, deadline = os.path.join(out, "last.pt"), time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path):
+            try:
+                if torch.load(path, weights_only=True)["global_step"] >= at_least:
+                    return
+            except Exception:  # caught between writes of an unrelated file: retry
+                pass
+        time.sleep(0.01)
+    raise AssertionError("the run ended or stalled before it could be killed")
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_path):
+    common = ["--shards", train_shards, "--epochs", "3", *SMALL, "--checkpoint-every", "1"]
+    run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2"], cwd=REPO,
+                            start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wait_for_step(out, 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    steps_per_epoch = 6  # 48 videos in Train + Validation, 2 streams x 2 videos x 6 steps
+    assert state["global_step"] < 3 * steps_per_epoch, "killed too late"
+    run([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--resume"])
+    assert_same_weights(weights(out), weights(tmp_path / "clean"), atol=1e-5)
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["epoch"] for m in metrics][-1] == 3 and os.path.exists(os.path.join(out, "curves.png"))
+
+
+def test_max_restarts_recovers_from_a_killed_worker(train_shards, tmp_path):
+    import psutil
+
+    common = ["--shards", train_shards, "--epochs", "3", *SMALL, "--checkpoint-every", "1"]
+    run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
+    out = str(tmp_path / "restarted")
+    proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--max-restarts", "2"],
+                            cwd=REPO, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wait_for_step(out, 3, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+    assert workers, "no worker processes found"
+    workers[-1].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=240) == 0
+    assert_same_weights(weights(out), weights(tmp_path / "clean"), atol=1e-5)
