@@ -34,11 +34,12 @@ def warm(root):
         list(pool.map(lambda p: open(p, "rb").read() and None, paths))
 
 
-def timed(fn, warm_root, repeat=2):
+def timed(fn, warm_root, repeat=2, setup=lambda: None):
     """Best of `repeat` runs, each ending with sync: the time until the data is durably written, so the
     write-back of one step is never billed to the next."""
     best = None
     for _ in range(repeat):
+        setup()
         warm(warm_root)
         os.sync()
         t = time.perf_counter()
@@ -77,12 +78,8 @@ def main():
             out = os.path.join(args.work, "shards")
             cfg = BuildConfig(out=out, formats=formats, progress=False)
 
-            def fresh_build():
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()
-                return build_shards(root, cfg, client=client)
-
-            t, _ = timed(fresh_build, root)
+            t, _ = timed(lambda: build_shards(root, cfg, client=client), root,
+                         setup=lambda: shutil.rmtree(out, ignore_errors=True))
             rows.append((label, t))
         t_verify, report = timed(lambda: verify_shards(out, client=client, progress=False), out)
         assert report["ok"], report["problems"][:5]

@@ -213,6 +213,7 @@ class _Journal:
 
     def __init__(self, staging, plan):
         self.staging, self.folder = staging, os.path.join(staging, "_build")
+        self.checked = {}  # records written or verified in this run: their files are not hashed again
         saved_plan = {k: v for k, v in plan.items() if not k.startswith("_")}
         path = os.path.join(self.folder, "plan.json")
         if os.path.exists(path):
@@ -228,8 +229,10 @@ class _Journal:
     def _path(self, name):
         return os.path.join(self.folder, "done", name + ".json")
 
-    def done(self, name, files=()):
+    def done(self, name):
         """The record of a finished task, if it exists and its files still hash the same."""
+        if name in self.checked:
+            return self.checked[name]
         path = self._path(name)
         if not os.path.exists(path):
             return None
@@ -239,10 +242,12 @@ class _Journal:
             full = os.path.join(self.staging, rel)
             if not os.path.exists(full) or file_sha256(full) != sha:
                 return None
+        self.checked[name] = record
         return record
 
     def record(self, name, record):
         write_json_atomic(self._path(name), record)
+        self.checked[name] = record
 
 
 def files_of(record):
@@ -366,7 +371,10 @@ def _write_all(client, tree, plan, journal, dim, skipped, cfg, root, out):
 def _tar_jobs(plan, journal, cfg):
     """[(journal name, call)] for every tar shard not yet finished (validation only without webdataset)."""
     videos, jobs = plan["_videos"], []
-    for phase in plan["phases"].values():
+    for phase_name, phase in plan["phases"].items():
+        # folders are made here, never in tasks: a task still running after a failed build was cleaned
+        # up must find no folder to write into
+        os.makedirs(os.path.join(journal.staging, phase_name), exist_ok=True)
         for shard in phase["shards"]:
             if journal.done(shard["name"]) is None:
                 jobs.append((shard["name"], (_tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],

@@ -46,11 +46,13 @@ def npy_from_bytes(raw) -> np.ndarray:
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
-def npy_to_bytes(arr: np.ndarray) -> bytes:
-    """Encode an array as canonical `.npy` bytes (version 1.0, C order, little-endian)."""
+def npy_parts(arr: np.ndarray) -> list:
+    """Canonical `.npy` encoding (version 1.0, C order, little-endian) as [header bytes, data view]:
+    written one after the other they are the file, and the data is never copied."""
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    out = io.BytesIO()
-    np.lib.format.write_array(out, arr, version=(1, 0), allow_pickle=False)
-    return out.getvalue()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    return [header.getvalue(), memoryview(arr).cast("B")]
+

@@ -9,10 +9,9 @@ import urllib.request
 import zlib
 
 import numpy as np
-import webdataset as wds
 
 from .errors import ShardCorruptError
-from .npyio import NpyFormatError, npy_from_bytes, npy_to_bytes
+from .npyio import NpyFormatError, npy_from_bytes, npy_parts
 from .source import STREAMS
 
 
@@ -24,47 +23,49 @@ def sample_digest(arrays: dict) -> str:
     return f"{crc:08x}"
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes and counts every byte on its way to `raw`."""
-
-    def __init__(self, raw):
-        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.sha.update(b)
-        self.nbytes += len(b)
-        return self.raw.write(b)
-
-
 class TarShardWriter:
     """Write one tar shard under a temporary name; `close()` renames it into place.
 
-    Fixed tar metadata (mtime 0, no owner names) makes the bytes a function of the samples alone.
+    Members are written directly: the stdlib builds each 512-byte USTAR header (`TarInfo.tobuf`), and
+    array bytes go from the array's own buffer to the hash and the file, with no intermediate copies
+    (tarfile's stream layer copied every byte several times). Fixed metadata (mtime 0, mode 0444, no
+    owner names) and a fixed member order make the bytes a function of the samples alone. The result
+    is a plain tar that `tar`, tarfile and webdataset read.
     """
 
     def __init__(self, path: str):
         self.path, self.tmp = path, f"{path}.partial-{os.getpid()}"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = open(self.tmp, "wb", buffering=4 << 20)
-        self._hashing = _HashingWriter(self._file)
-        self._tar = wds.TarWriter(self._hashing, user="", group="", mode=0o444, mtime=0, encoder=False)
-        self.n_samples = 0
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
+        self._sha, self._nbytes, self.n_samples = hashlib.sha256(), 0, 0
+
+    def _write(self, data) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+        self._nbytes += len(data)
+
+    def _member(self, name: str, parts: list) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = sum(len(p) for p in parts), 0, 0o444, "", ""
+        self._write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
+        for part in parts:
+            self._write(part)
+        if info.size % tarfile.BLOCKSIZE:
+            self._write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
 
     def write(self, key: str, arrays: dict, meta: dict) -> None:
-        sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
-        for stream in STREAMS:
-            sample[f"{stream}.npy"] = npy_to_bytes(arrays[stream])
-        self._tar.write(sample)
+        members = {f"{stream}.npy": npy_parts(arrays[stream]) for stream in STREAMS}
+        members["json"] = [json.dumps(meta, sort_keys=True).encode()]
+        for field in sorted(members):  # the order webdataset's TarWriter uses
+            self._member(f"{key}.{field}", members[field])
         self.n_samples += 1
 
     def close(self) -> dict:
-        self._tar.close()
+        self._write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+        if self._nbytes % tarfile.RECORDSIZE:  # pad to a whole record, as tar and tarfile do
+            self._write(bytes(tarfile.RECORDSIZE - self._nbytes % tarfile.RECORDSIZE))
         self._file.close()
         os.replace(self.tmp, self.path)
-        return {"bytes": self._hashing.nbytes, "sha256": self._hashing.sha.hexdigest(), "samples": self.n_samples}
+        return {"bytes": self._nbytes, "sha256": self._sha.hexdigest(), "samples": self.n_samples}
 
     def abort(self) -> None:
         self._file.close()
@@ -75,7 +76,8 @@ class TarShardWriter:
         return self
 
     def __exit__(self, exc_type, *exc):
-        self.abort() if exc_type else None
+        if exc_type:
+            self.abort()
 
 
 # Reading: open -> members -> samples (grouped) -> decoded dicts. Each stage names the shard in its errors.

@@ -1,0 +1,191 @@
+"""Sharded evaluation: independent jobs score slices of a test phase; merge checks and reports.
+
+A part is `part-IIIII-of-JJJJJ.npz` (keys, labels, logits and a JSON stamp naming the checkpoint's and
+the manifest's digests), written under a temporary name and renamed, so a re-run replaces it whole.
+"""
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from elr.data import LR, collate, iter_eval_batches, load_manifest, phase_shards
+from elr.model import load_weights, normalise_units
+from shards.errors import ELRError
+from shards.zarrio import ZarrPhaseReader
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+class EvalError(ELRError):
+    """A part set that cannot be merged, or a checkpoint that does not fit the shard set."""
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def part_path(out: str, job: int, num_jobs: int) -> str:
+    return os.path.join(out, f"part-{job:05d}-of-{num_jobs:05d}.npz")
+
+
+def job_index_from_env() -> int | None:
+    """SLURM arrays and Kubernetes indexed jobs say which job this is."""
+    for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def _slice(n: int, job: int, num_jobs: int) -> tuple:
+    return n * job // num_jobs, n * (job + 1) // num_jobs
+
+
+def _batches(manifest, shards, split, phase, job, num_jobs, fmt, batch):
+    """LR batches of this job's slice: a contiguous sample range from Zarr, or every num_jobs-th tar shard."""
+    entry = manifest["splits"].get(split, {}).get(phase)
+    if entry is None:
+        raise EvalError(f"{shards}: no phase {split}/{phase} in the shard set")
+    use_zarr = fmt == "zarr" or (fmt == "auto" and "zarr" in entry and not shards.startswith(("http://", "https://")))
+    if use_zarr:
+        if "zarr" not in entry:
+            raise EvalError(f"{shards}: {split}/{phase} has no Zarr copy (built with --format webdataset)")
+        reader = ZarrPhaseReader(os.path.join(shards, entry["zarr"]["path"]))
+        first, last = _slice(len(reader), job, num_jobs)
+        for lo in range(first, last, batch):
+            samples = [{"__key__": s["__key__"], "meta": {"label": s["label"]}, **{f: s[f] for f in LR}}
+                       for s in reader.iter_range(lo, min(lo + batch, last), fields=LR)]
+            yield collate(samples, LR, job, 0)
+    else:
+        yield from iter_eval_batches(phase_shards(manifest, shards, split, [phase]), job, num_jobs, LR, batch)
+
+
+def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: str, device: str = "auto",
+            amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64) -> str:
+    """Score job `job_index` of `num_jobs` and write its part; returns the part's path."""
+    if not 0 <= job_index < num_jobs:
+        raise EvalError(f"job index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
+    manifest = load_manifest(shards)
+    model, classes = load_weights(checkpoint)
+    if classes is not None and classes != manifest["classes"]:
+        raise EvalError(f"{checkpoint}: its classes differ from those of {shards}")
+    if model.classifier.out_features != len(manifest["classes"]) or model.rnn1.input_size != manifest["dim"]:
+        raise EvalError(f"{checkpoint}: model has {model.classifier.out_features} classes and input dim "
+                        f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    model = model.to(dev).eval()
+    ctx = torch.autocast(dev.type, dtype=AMP[amp]) if AMP[amp] else nullcontext()
+    keys, labels, logits = [], [], []
+    with torch.no_grad():
+        for b in _batches(manifest, shards, split, phase, job_index, num_jobs, fmt, batch):
+            with ctx:
+                out_logits = model(normalise_units(b["lr_rgb"].to(dev, non_blocking=True)),
+                                   normalise_units(b["lr_flow"].to(dev, non_blocking=True)), b["lengths"])
+            keys += b["keys"]
+            labels.append(b["labels"].numpy())
+            logits.append(out_logits.float().cpu().numpy())
+    stamp = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
+             "manifest_sha256": manifest_digest(manifest), "shards": shards, "split": split, "phase": phase,
+             "job_index": job_index, "num_jobs": num_jobs, "classes": manifest["classes"]}
+    n_classes = len(manifest["classes"])
+    arrays = {"keys": np.array(keys, dtype=str),
+              "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+              "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
+              "stamp": np.array(json.dumps(stamp, sort_keys=True))}
+    os.makedirs(out, exist_ok=True)
+    path = part_path(out, job_index, num_jobs)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-part-", suffix=".npz", dir=out)
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_part(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            part = {k: z[k] for k in ("keys", "labels", "logits")}
+            part["stamp"] = json.loads(str(z["stamp"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise EvalError(f"{path}: unreadable part ({e})") from None
+    return part
+
+
+def collect_parts(folder: str, shards: str | None = None) -> tuple:
+    """Read and cross-check every part: (stamp, keys, labels, logits, manifest)."""
+    paths = sorted(glob.glob(os.path.join(folder, "part-*.npz")))
+    if not paths:
+        raise EvalError(f"{folder}: no part-*.npz files")
+    parts = [(p, read_part(p)) for p in paths]
+    first_path, first = parts[0]
+    ref = first["stamp"]
+    for p, part in parts[1:]:
+        s = part["stamp"]
+        for field, what in (("checkpoint_sha256", "checkpoint"), ("manifest_sha256", "shard set"),
+                            ("num_jobs", "number of jobs"), ("split", "split"), ("phase", "phase")):
+            if s[field] != ref[field]:
+                raise EvalError(f"{p}: stale part: its {what} differs from {first_path}'s "
+                                f"({s[field]!r} vs {ref[field]!r}); re-run that job or remove the part")
+    by_job = {}
+    for p, part in parts:
+        by_job.setdefault(part["stamp"]["job_index"], []).append(p)
+    twice = {j: ps for j, ps in by_job.items() if len(ps) > 1}
+    if twice:
+        j, ps = sorted(twice.items())[0]
+        raise EvalError(f"job {j} has {len(ps)} parts: {', '.join(ps)}")
+    missing = [j for j in range(ref["num_jobs"]) if j not in by_job]
+    if missing:
+        raise EvalError(f"missing parts for jobs {', '.join(map(str, missing))} of {ref['num_jobs']}: "
+                        f"expected {part_path(folder, missing[0], ref['num_jobs'])}")
+    manifest = load_manifest(shards or ref["shards"])
+    if manifest_digest(manifest) != ref["manifest_sha256"]:
+        raise EvalError(f"{folder}: the parts were scored on another version of the shard set {shards or ref['shards']}")
+    keys = np.concatenate([part["keys"] for _, part in parts])
+    labels = np.concatenate([part["labels"] for _, part in parts])
+    logits = np.concatenate([part["logits"] for _, part in parts])
+    expected = {s["key"]: s["label"] for s in manifest["splits"][ref["split"]][ref["phase"]]["samples"]}
+    unique, counts = np.unique(keys, return_counts=True)
+    dup = unique[counts > 1]
+    if len(dup):
+        raise EvalError(f"{len(dup)} videos counted twice, e.g. {', '.join(dup[:3])}")
+    absent = sorted(set(expected) - set(unique.tolist()))
+    if absent:
+        raise EvalError(f"{len(absent)} videos of {ref['split']}/{ref['phase']} not scored, e.g. {', '.join(absent[:3])}")
+    extra = sorted(set(unique.tolist()) - set(expected))
+    if extra:
+        raise EvalError(f"{len(extra)} scored videos are not in {ref['split']}/{ref['phase']}, e.g. {', '.join(extra[:3])}")
+    if any(expected[k] != int(label) for k, label in zip(keys, labels)):
+        raise EvalError(f"{folder}: labels in the parts disagree with the manifest")
+    order = np.argsort(keys)
+    return ref, keys[order], labels[order], logits[order], manifest
+
+
+def merge(folder: str, shards: str | None = None) -> dict:
+    """Check the parts in `folder` against the manifest and write the reports; returns the scores."""
+    from train.report import write_reports
+
+    stamp, keys, labels, logits, manifest = collect_parts(folder, shards)
+    return write_reports(folder, stamp, keys, labels, logits, manifest["classes"])
+
+
+def run_on_dask(client, num_jobs: int, out: str, **job_args) -> dict:
+    """All jobs as dask tasks, then the merge."""
+    from shards.parallel import run_tasks
+
+    calls = [(functools.partial(run_job, num_jobs=num_jobs, job_index=i, out=out, **job_args),) for i in range(num_jobs)]
+    run_tasks(client, calls, "eval jobs", num_jobs, progress=False, unit="job")
+    return merge(out, job_args["shards"])
