@@ -88,7 +88,7 @@ def make_demo_cmd(out, **options):
 @click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://head:8786.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set once the new one is complete.")
-@click.option("--zarr-chunk-units", default=32, show_default=True, help="Units per Zarr chunk.")
+@click.option("--zarr-chunk-units", default=512, show_default=True, help="Units per Zarr chunk (the smallest read).")
 @click.option("--zarr-shard-units", default=2048, show_default=True, help="Units per Zarr shard file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):

@@ -171,8 +171,10 @@ def read_video_files(v: SourceVideo) -> list:
     return raws
 
 
-def load_video(v: SourceVideo, dtype: str, raws=None) -> dict:
-    """Read (unless `raws` are given) and validate the four arrays of a video, cast to the storage dtype."""
+def load_video(v: SourceVideo, dtype: str, raws=None, check_values: bool = True) -> dict:
+    """Read (unless `raws` are given) and validate the four arrays of a video, cast to the storage dtype.
+
+    check_values=False skips the finiteness scans, for a caller whose video is fully checked elsewhere."""
     raws = read_video_files(v) if raws is None else raws
     arrays, shapes = {}, []
     for stream, path, raw in zip(STREAMS, v.paths, raws):
@@ -183,12 +185,12 @@ def load_video(v: SourceVideo, dtype: str, raws=None) -> dict:
         except NpyFormatError as e:
             raise BadVideoError(v.class_name, v.video, path, str(e)) from None
         _check_shape(v, path, arr.shape, arr.dtype)
-        if not np.isfinite(arr).all():
+        if check_values and not np.isfinite(arr).all():
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             raise BadVideoError(v.class_name, v.video, path, f"{bad} non-finite values (NaN or inf)")
         if arr.dtype != np.dtype(dtype):
             arr = arr.astype(dtype)
-            if not np.isfinite(arr).all():
+            if check_values and not np.isfinite(arr).all():
                 raise BadVideoError(v.class_name, v.video, path, f"values overflow {dtype} (largest magnitude beyond its range)")
         arrays[stream] = arr
         shapes.append(arr.shape)

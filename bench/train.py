@@ -1,0 +1,181 @@
+"""Benchmark the training input pipeline against the seed's per-file loader, in one run.
+
+    python bench/train.py [--work bench/_work] [--steps 12] [--batch-size 32] [--device auto] [--amp off]
+
+On one HMDB51-sized tree (bench/ingest.py makes it) and its tar shards, measures in sequences/s:
+  (a) our shard loader alone          (b) full training steps with it
+  (c) the seed's loader alone: one np.load per stream and sample, padded to the split's longest
+      video (HMDB51DataLayer), and training steps with it
+  (d) the model alone on batches already in memory (the compute bound)
+Every loader starts from a warm page cache (all files read first), so the numbers measure the
+loaders, not the disk.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.ingest import warm  # noqa: E402
+from elr.data import HR, LR, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, load_manifest, phase_shards  # noqa: E402
+from elr.model import TwoStreamGRU, normalise_units  # noqa: E402
+from shards.build import BuildConfig, build_shards  # noqa: E402
+from shards.demo import DemoConfig, make_demo  # noqa: E402
+
+FIELDS = LR + HR
+
+
+class SeedDataLayer(Dataset):
+    """The seed's HMDB51DataLayer: every (video, resolution) is one item, read from its own files,
+    L2-normalised per unit in numpy and zero-padded to the longest video of the split."""
+
+    def __init__(self, split_root, phase):
+        base = os.path.join(split_root, phase)
+        classes = sorted(os.listdir(base))
+        self.items, self.max_length = [], 0
+        for label, c in enumerate(classes):
+            for name in sorted(os.listdir(f"{base}_lr_features/{c}")):
+                length = np.load(f"{base}_lr_features/{c}/{name}", mmap_mode="r").shape[0]
+                for res in ("lr", "hr"):
+                    self.items.append((f"{base}_{res}_features/{c}/{name}", f"{base}_{res}_optfl_features/{c}/{name}",
+                                       length, label))
+                self.max_length = max(self.max_length, length)
+
+    def _load(self, path):
+        x = np.load(path, allow_pickle=False).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1)[:, None]
+        out = torch.zeros(self.max_length, x.shape[1])
+        out[: len(x)] = torch.from_numpy(x)
+        return out
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        rgb, flow, length, label = self.items[i]
+        return self._load(rgb), self._load(flow), length, label
+
+
+def train_step(model, opt, rgb, flow, lengths, labels, ctx):
+    with ctx:
+        logits = model(rgb, flow, lengths)
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def rate(n_items, seconds):
+    return n_items / seconds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (LR and HR count separately)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]) \
+        if args.amp != "off" else torch.autocast(device.type, enabled=False)
+
+    root, shards = os.path.join(args.work, "HMDB51"), os.path.join(args.work, "shards-train")
+    if not os.path.isdir(root):
+        make_demo(root, DemoConfig(videos_per_class=34))
+    if not os.path.exists(os.path.join(shards, "manifest.json")):
+        build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
+    manifest = load_manifest(shards)
+    streams = 8
+    plan = StreamPlan(phase_shards(manifest, shards, "Split1", ("Train",)), streams, args.batch_size // 2 // streams)
+    n = args.steps
+
+    def our_loader():
+        ds = ShardStream(plan, 0, 1, FIELDS, seed=0)
+        return DevicePrefetcher(StepLoader(ds, args.workers, pin_memory=device.type == "cuda"), FIELDS, device)
+
+    def seed_loader():
+        ds = SeedDataLayer(os.path.join(root, "Split1"), "Train")
+        return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                          pin_memory=device.type == "cuda")
+
+    def couple(batch):
+        rgb = torch.cat([batch["lr_rgb"], batch["hr_rgb"]])
+        flow = torch.cat([batch["lr_flow"], batch["hr_flow"]])
+        return normalise_units(rgb), normalise_units(flow), batch["lengths"].repeat(2), batch["labels"].repeat(2)
+
+    rows = {}
+    warm(shards)
+    t = time.perf_counter()
+    for i, _ in zip(range(n * 4), our_loader()):
+        pass
+    rows["(a) shard loader alone"] = rate(args.batch_size * n * 4, time.perf_counter() - t)
+
+    warm(root)
+    t = time.perf_counter()
+    for i, _ in zip(range(n), seed_loader()):
+        pass
+    rows["(c) seed loader alone"] = rate(args.batch_size * n, time.perf_counter() - t)
+
+    torch.manual_seed(0)
+    model = TwoStreamGRU(manifest["dim"], args.hidden, len(manifest["classes"])).to(device)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    in_memory = [couple(b) for _, (_, b) in zip(range(3), our_loader())]
+    for batch in in_memory:  # warm-up: allocator, kernels
+        train_step(model, opt, *batch, ctx)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for i in range(n):
+        train_step(model, opt, *in_memory[i % len(in_memory)], ctx)
+    sync()
+    rows["(d) model alone (compute bound)"] = rate(args.batch_size * n, time.perf_counter() - t)
+
+    waits, t = 0.0, time.perf_counter()
+    t_fetch = time.perf_counter()
+    for i, (_, batch) in zip(range(n), our_loader()):
+        if i == 1:  # the first step pays worker start-up; time from the second
+            sync()
+            t, waits = time.perf_counter(), 0.0
+        elif i > 1:
+            waits += time.perf_counter() - t_fetch
+        train_step(model, opt, *couple(batch), ctx)
+        t_fetch = time.perf_counter()
+    sync()
+    elapsed = time.perf_counter() - t
+    rows["(b) training steps, shard loader"] = rate(args.batch_size * (n - 1), elapsed)
+    wait_share = waits / elapsed
+
+    t = time.perf_counter()
+    for i, (rgb, flow, lengths, labels) in zip(range(n), seed_loader()):
+        if i == 1:
+            sync()
+            t = time.perf_counter()
+        if i >= 1:
+            train_step(model, opt, rgb.to(device), flow.to(device), lengths, labels.to(device), ctx)
+    sync()
+    rows["(c) training steps, seed loader"] = rate(args.batch_size * (n - 1), time.perf_counter() - t)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{plan.n_samples} training videos, dim {manifest['dim']}, hidden {args.hidden}, batch {args.batch_size} "
+          f"sequences, {args.workers} loader workers, device {name}, amp {args.amp}")
+    print(f"{'measure':<38}{'seq/s':>10}")
+    for k, v in rows.items():
+        print(f"{k:<38}{v:>10.1f}")
+    print(f"(a) / (c) loader speed-up: {rows['(a) shard loader alone'] / rows['(c) seed loader alone']:.1f}x")
+    print(f"(b) / (d) share of the compute bound: {100 * rows['(b) training steps, shard loader'] / rows['(d) model alone (compute bound)']:.0f}%")
+    print(f"share of step time waiting for data (b): {100 * wait_share:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
