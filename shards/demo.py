@@ -31,8 +31,8 @@ class DemoConfig:
     dim: int = 4096  # feature dim (C3D fc6 is 4096)
     min_units: int = 4  # shortest video, in C3D units
     max_units: int = 16  # longest video
-    hr_snr: float = 3.0  # HR signal-to-noise per unit
-    lr_snr: float = 1.0  # LR signal-to-noise per unit (extremely low resolution: weaker)
+    hr_snr: float = 4.0  # HR signal-to-noise per unit
+    lr_snr: float = 2.0  # LR signal-to-noise per unit (extremely low resolution: weaker)
     seed: int = 0
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ def test_three_launch_ways_train_the_same_weights_as_one_process(train_shards, t
     common = ["--shards", train_shards, "--epochs", "1", "--max-steps", "2", *SMALL]
     run([sys.executable, TRAIN, "--out", str(tmp_path / "single"), *common])
     run(TORCHRUN + ["--nproc-per-node", "2", TRAIN, "--out", str(tmp_path / "torchrun"), *common])
-    run(TORCHRUN + [TRAIN, "--nproc", "2", "--out", str(tmp_path / "torchrun-nproc"), *common])
+    run(TORCHRUN + [TRAIN, "--nprocs", "2", "--out", str(tmp_path / "torchrun-nproc"), *common])
     run([sys.executable, TRAIN, "--nproc", "2", "--out", str(tmp_path / "python-nproc"), *common])
     reference = weights(tmp_path / "single")
     for way in ("torchrun", "torchrun-nproc", "python-nproc"):
@@ -121,3 +121,61 @@ def test_max_restarts_recovers_from_a_killed_worker(train_shards, tmp_path):
     workers[-1].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
     assert_same_weights(weights(out), weights(tmp_path / "clean"), atol=1e-5)
+
+
+def demo_shards(tmp_path, dask_client, **demo):
+    root = tmp_path / "HMDB51"
+    make_demo(str(root), DemoConfig(classes=6, videos_per_class=8, min_units=4, max_units=12, seed=0, **demo))
+    build(root, dask_client, formats=("webdataset",))
+    return str(root) + "-shards"
+
+
+def train_acc(shards, out, **kw):
+    from train.ddp import TrainConfig, train
+
+    cfg = TrainConfig(shards=shards, out=str(out), hidden=32, batch_size=16, data_streams=2, lr=3e-3, workers=0,
+                      progress=False, **kw)
+    cfg.test_every = cfg.epochs
+    return train(cfg)["test_acc"]
+
+
+def order_blind_acc(shards):
+    """Nearest class centroid of mean-pooled, normalised LR+HR features: blind to the order of units."""
+    import numpy as np
+
+    from elr.data import load_manifest
+    from shards.tario import iter_tar_samples
+
+    m = load_manifest(shards)
+
+    def pooled(phases, fields):
+        xs, ys = [], []
+        for phase in phases:
+            for shard in m["splits"]["Split1"][phase]["webdataset"]["shards"]:
+                for s in iter_tar_samples(os.path.join(shards, shard["path"])):
+                    for rgb, flow in fields:
+                        x = np.concatenate([s[rgb], s[flow]], 1)
+                        xs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).mean(0))
+                        ys.append(s["meta"]["label"])
+        return np.array(xs), np.array(ys)
+
+    x, y = pooled(["Train", "Validation"], [("lr_rgb", "lr_flow"), ("hr_rgb", "hr_flow")])
+    centroids = np.stack([x[y == c].mean(0) for c in range(len(m["classes"]))])
+    xt, yt = pooled(["Test"], [("lr_rgb", "lr_flow")])
+    return float((np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), 1) == yt).mean())
+
+
+def test_learns_far_above_chance_and_above_an_order_blind_classifier(tmp_path, dask_client):
+    shards = demo_shards(tmp_path, dask_client, dim=32, hr_snr=4.0, lr_snr=2.0)
+    acc = train_acc(shards, tmp_path / "run", epochs=30)
+    blind = order_blind_acc(shards)
+    assert acc >= 0.75, acc  # chance is 1/6
+    assert blind <= 0.5 and acc >= blind + 0.3, (acc, blind)  # classes differ only in the order of motifs
+
+
+def test_hr_coupling_beats_lr_alone_when_hr_is_cleaner(tmp_path, dask_client):
+    shards = demo_shards(tmp_path, dask_client, dim=64, hr_snr=4.0, lr_snr=1.0)
+    coupled = train_acc(shards, tmp_path / "coupled", epochs=40, train_on="lr+hr")
+    lr_only = train_acc(shards, tmp_path / "lr", epochs=40, train_on="lr")
+    assert coupled >= lr_only + 0.1, (coupled, lr_only)
+    assert coupled >= 2 / 6, coupled

@@ -1,7 +1,7 @@
 """Train the coupled two-stream GRU on eLR shards: DDP on any number of processes, mixed precision, resumable.
 
     torchrun --nproc-per-node 4 train/ddp.py --shards data/HMDB51-shards
-    torchrun train/ddp.py --nproc 4            # starts 4 local workers itself
+    torchrun train/ddp.py --nprocs 4           # starts 4 local workers itself (or: torchrun train/ddp.py -- --nproc 4)
     python train/ddp.py --nproc 2 --epochs 5   # same, without torchrun
 
 Defaults mirror the seed: RMSprop, lr 1e-3, global batch 256 sequences, 50 epochs, training on Train
@@ -78,11 +78,13 @@ class TrainConfig:
 def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "nproc":  # torchrun's own parser rejects `--nproc` (an abbreviation of its --nproc-per-node)
+            flags.append("--nprocs")  # but passes `--nprocs`, and `-- --nproc N`
         if f.type is bool or isinstance(f.default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
+            ap.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default)
     try:
         return TrainConfig(**vars(ap.parse_args(argv)))
     except ValueError as e:
