@@ -51,6 +51,8 @@ def main():
 @click.option("--dim", default=4096, show_default=True, help="Feature dim (C3D fc6: 4096).")
 @click.option("--min-units", default=4, show_default=True, help="Shortest video, in C3D units.")
 @click.option("--max-units", default=16, show_default=True, help="Longest video, in C3D units.")
+@click.option("--latent-dim", default=DemoConfig.latent_dim, show_default=True,
+              help="Dimension the synthetic signal lives in, embedded into --dim.")
 @click.option("--hr-snr", default=DemoConfig.hr_snr, show_default=True, help="Signal-to-noise of HR units.")
 @click.option("--lr-snr", default=DemoConfig.lr_snr, show_default=True, help="Signal-to-noise of LR units.")
 @click.option("--seed", default=0, show_default=True)

@@ -4,6 +4,8 @@ Classes come in groups of three that share the same three motifs per stream, eac
 them in a different order: an order-blind classifier (mean pooling) is stuck at about 1/3 within a
 group, a bidirectional RNN is not. HR units carry the motif at `hr_snr`, LR units at the lower
 `lr_snr` (signal-to-noise after projecting on the motif), so HR coupling has something to teach.
+Motifs and noise live in a `latent_dim` space embedded in `dim` by a fixed random orthonormal basis,
+so the task is as hard at dim 4096 as at dim 32.
 """
 
 import os
@@ -31,6 +33,7 @@ class DemoConfig:
     dim: int = 4096  # feature dim (C3D fc6 is 4096)
     min_units: int = 4  # shortest video, in C3D units
     max_units: int = 16  # longest video
+    latent_dim: int = 32  # dimension of the space motifs and noise live in (embedded into dim)
     hr_snr: float = 4.0  # HR signal-to-noise per unit
     lr_snr: float = 2.0  # LR signal-to-noise per unit (extremely low resolution: weaker)
     seed: int = 0
@@ -51,8 +54,10 @@ def make_demo(out: str, cfg: DemoConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     names = class_names(cfg.classes)
     n_groups = (cfg.classes + 2) // 3
-    # motifs[stream_kind][group] -> (3, dim) unit vectors; rgb and flow have their own
-    motifs = {kind: _unit(rng.standard_normal((n_groups, 3, cfg.dim))) for kind in ("rgb", "flow")}
+    latent = min(cfg.latent_dim, cfg.dim)
+    # motifs[stream_kind][group] -> (3, latent) unit vectors; rgb and flow have their own
+    motifs = {kind: _unit(rng.standard_normal((n_groups, 3, latent))) for kind in ("rgb", "flow")}
+    basis = np.linalg.qr(rng.standard_normal((cfg.dim, latent)))[0].T  # (latent, dim), orthonormal rows
     split = os.path.join(out, "Split1")
     counts = {}
     for phase in PHASES:
@@ -61,7 +66,7 @@ def make_demo(out: str, cfg: DemoConfig) -> dict:
             os.makedirs(os.path.join(split, phase, name), exist_ok=True)  # the seed reads its class list here
             for i in range(cfg.videos_per_class):
                 video = f"{NAME_STEMS[(c + i) % len(NAME_STEMS)]}_{name}_{phase[0].lower()}_nm_np1_{i}"
-                for stream, array in _video(rng, motifs, c, cfg).items():
+                for stream, array in _video(rng, motifs, basis, c, cfg).items():
                     folder = os.path.join(split, f"{phase}_{STREAMS[stream]}", name)
                     os.makedirs(folder, exist_ok=True)
                     np.save(os.path.join(folder, video + ".npy"), array)
@@ -73,7 +78,7 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _video(rng, motifs, label, cfg):
+def _video(rng, motifs, basis, label, cfg):
     """Four aligned float32 [T, dim] arrays for one video of class `label`."""
     t = int(rng.integers(cfg.min_units, cfg.max_units + 1))
     order = ORDERS[label % 3]
@@ -82,8 +87,8 @@ def _video(rng, motifs, label, cfg):
     segment = np.searchsorted(cuts, np.arange(t), side="right")  # (T,) in {0, 1, 2}
     out = {}
     for kind in ("rgb", "flow"):
-        pattern = motifs[kind][label // 3][[order[s] for s in segment]]  # (T, dim) unit vectors
+        pattern = motifs[kind][label // 3][[order[s] for s in segment]]  # (T, latent) unit vectors
         for res, snr in (("hr", cfg.hr_snr), ("lr", cfg.lr_snr)):
-            noise = rng.standard_normal((t, cfg.dim))  # per-dim N(0,1): its projection on a unit vector is N(0,1)
-            out[f"{res}_{kind}"] = (snr * pattern + noise + 2.0).astype(np.float32)  # +2: positive, like ReLU features
+            noise = rng.standard_normal(pattern.shape)  # N(0,1) per latent dim: its projection on a motif is N(0,1)
+            out[f"{res}_{kind}"] = ((snr * pattern + noise) @ basis).astype(np.float32)  # (T, dim)
     return out

@@ -121,6 +121,8 @@ def train(cfg: TrainConfig) -> dict:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     master = rank == 0
