@@ -29,8 +29,14 @@ def train_shards(tmp_path_factory, dask_client):
     return str(root) + "-shards"
 
 
+# One BLAS thread everywhere: runs compared bit for bit must reduce in the same order whatever the number
+# of processes (RMSprop's first step, ~lr * g / |g|, turns last-bit differences of tiny gradients into
+# visible ones).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(cmd, timeout=240):
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -39,7 +45,9 @@ def weights(out):
     return torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
 
 
-def assert_same_weights(a, b, atol=1e-6):
+def assert_same_weights(a, b, atol=1e-5):
+    """Equal within float tolerance: a step moves weights by ~1e-2 (lr 1e-3, RMSprop's first step ~10 lr),
+    and summing a batch in another order changes the last bits."""
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
@@ -71,7 +79,7 @@ def test_one_step_1x8_equals_2x4(train_shards, tmp_path):
 def test_refuses_to_clobber_a_run(train_shards, tmp_path):
     common = ["--shards", train_shards, "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r"), *SMALL]
     run([sys.executable, TRAIN, *common])
-    result = subprocess.run([sys.executable, TRAIN, *common], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, TRAIN, *common], capture_output=True, text=True, cwd=REPO, env=ENV)
     assert result.returncode == 1
     assert f"error: {tmp_path / 'r' / 'last.pt'} exists; pass --resume to continue that run" in result.stderr
 
@@ -93,7 +101,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_p
     common = ["--shards", train_shards, "--epochs", "3", *SMALL, "--checkpoint-every", "1"]
     run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2"], cwd=REPO, env=ENV,
                             start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wait_for_step(out, 4, proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -102,7 +110,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_p
     steps_per_epoch = 6  # 48 videos in Train + Validation, 2 streams x 2 videos x 6 steps
     assert state["global_step"] < 3 * steps_per_epoch, "killed too late"
     run([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--resume"])
-    assert_same_weights(weights(out), weights(tmp_path / "clean"), atol=1e-5)
+    assert_same_weights(weights(out), weights(tmp_path / "clean"))
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics][-1] == 3 and os.path.exists(os.path.join(out, "curves.png"))
 
@@ -114,13 +122,13 @@ def test_max_restarts_recovers_from_a_killed_worker(train_shards, tmp_path):
     run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
     out = str(tmp_path / "restarted")
     proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--max-restarts", "2"],
-                            cwd=REPO, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                            cwd=REPO, env=ENV, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wait_for_step(out, 3, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
     assert workers, "no worker processes found"
     workers[-1].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
-    assert_same_weights(weights(out), weights(tmp_path / "clean"), atol=1e-5)
+    assert_same_weights(weights(out), weights(tmp_path / "clean"))
 
 
 def demo_shards(tmp_path, dask_client, **demo):

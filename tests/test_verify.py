@@ -26,7 +26,7 @@ def test_flipped_byte_in_tar(built, dask_client):
     shard = first_shard(built)
     path = built / shard["path"]
     data = bytearray(path.read_bytes())
-    data[1500] ^= 0x01  # inside the first member's data, past its 512-byte header
+    data[512 + 128 + 4] ^= 0x01  # the second float of the first array: past the tar and .npy headers
     path.write_bytes(bytes(data))
     problems = verify(built, dask_client)["problems"]
     assert f"{shard['path']}: sha256 differs from the manifest" in problems
