@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.errors import ManifestError
 from shards.manifest import read_manifest
-from shards.tario import decode_sample, group_samples, iter_members, open_shard
+from shards.tario import decode_sample, iter_raw_samples
 
 LR, HR = ("lr_rgb", "lr_flow"), ("hr_rgb", "hr_flow")
 
@@ -83,12 +83,11 @@ class StreamPlan:
 def iter_pieces(pieces, fields):
     """Decoded samples of [(url, skip, take)]; skipped samples are read but not decoded."""
     for url, skip, take in pieces:
-        with open_shard(url) as stream:
-            for i, raw in enumerate(group_samples(iter_members(stream, url), url)):
-                if i >= skip + take:
-                    break
-                if i >= skip:
-                    yield decode_sample(raw, url, fields)
+        for i, raw in enumerate(iter_raw_samples(url)):
+            if i >= skip + take:
+                break
+            if i >= skip:
+                yield decode_sample(raw, url, fields)
 
 
 def collate(samples, fields, stream: int, step: int) -> dict:

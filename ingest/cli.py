@@ -5,9 +5,9 @@ import sys
 
 import click
 
+from ingest.errors import call
 from shards.build import BuildConfig, build_shards, default_out
 from shards.demo import DemoConfig, make_demo
-from shards.errors import ELRError
 from shards.info import format_info, shard_set_info
 from shards.verify import verify_shards
 
@@ -20,14 +20,6 @@ def _size(text: str) -> int:
         if t.endswith(suffix):
             return int(float(t[: -len(suffix)]) * factor)
     return int(t)
-
-
-def _run(fn, *args, **kwargs):
-    """Call a library function; domain errors and bad options become one `Error:` line, exit 1."""
-    try:
-        return fn(*args, **kwargs)
-    except (ELRError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -67,8 +59,8 @@ def make_demo_cmd(out, **options):
       elr-ingest make-demo data/HMDB51 --videos-per-class 4
       elr-ingest make-demo /tmp/tiny --classes 6 --dim 32
     """
-    cfg = _run(DemoConfig, **options)
-    counts = _run(make_demo, out, cfg)
+    cfg = call(DemoConfig, **options)
+    counts = call(make_demo, out, cfg)
     click.echo(f"wrote {sum(counts.values())} videos x 4 streams ({cfg.classes} classes, dim {cfg.dim}) "
                f"under {out}/Split1", err=True)
 
@@ -107,9 +99,9 @@ def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):
       elr-ingest build-shards data/HMDB51 --resume          # after an interruption
     """
     formats = ("webdataset", "zarr") if fmt == "both" else (fmt,)
-    cfg = _run(BuildConfig, out=out, splits=splits, formats=formats, shard_bytes=_run(_size, shard_size),
+    cfg = call(BuildConfig, out=out, splits=splits, formats=formats, shard_bytes=call(_size, shard_size),
                progress=not quiet, **options)
-    manifest = _run(build_shards, data_root, cfg)
+    manifest = call(build_shards, data_root, cfg)
     target = out or default_out(data_root)
     n = sum(len(e["samples"]) for s in manifest["splits"].values() for e in s.values())
     skipped = sum(len(e["skipped"]) for s in manifest["splits"].values() for e in s.values())
@@ -138,7 +130,7 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
     Example:
       elr-ingest verify data/HMDB51-shards --source data/HMDB51
     """
-    report = _run(verify_shards, shards, source=source, workers=workers, scheduler=scheduler, progress=not quiet)
+    report = call(verify_shards, shards, source=source, workers=workers, scheduler=scheduler, progress=not quiet)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -161,7 +153,7 @@ def info_cmd(shards, as_json):
     Example:
       elr-ingest info data/HMDB51-shards --json | jq '.phases[].videos'
     """
-    info = _run(shard_set_info, shards)
+    info = call(shard_set_info, shards)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
 
 

@@ -32,8 +32,8 @@ def parse_npy_header(fp):
 
 
 def npy_from_bytes(raw) -> np.ndarray:
-    """Decode `.npy` bytes into an array viewing `raw` (no copy, no pickle)."""
-    fp = io.BytesIO(raw)
+    """Decode `.npy` bytes (or a memoryview) into an array viewing `raw` (no copy, no pickle)."""
+    fp = io.BytesIO(raw[:1 << 16])  # the header is at most 64 KiB (format 2.0); the data is not copied
     shape, fortran, dtype, offset = parse_npy_header(fp)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     found = len(raw) - offset

@@ -1,7 +1,5 @@
 """verify: prove a shard set is complete and intact, against its manifest and optionally its source."""
 
-import hashlib
-import io
 import os
 from collections import Counter
 
@@ -11,28 +9,8 @@ from .errors import BadVideoError, ELRError
 from .manifest import file_sha256, iter_phases, read_manifest
 from .parallel import dask_client, run_tasks
 from .source import STREAMS, SourceVideo, discover, load_video
-from .tario import decode_sample, group_samples, iter_members, sample_digest
+from .tario import decode_sample, group_samples, iter_mapped_members, sample_digest
 from .zarrio import ZarrPhaseReader, store_files
-
-
-class _HashingReader(io.RawIOBase):
-    """Reads `raw` and hashes every byte handed out, so one pass both decodes and checks a shard."""
-
-    def __init__(self, raw):
-        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buf):
-        n = self.raw.readinto(buf)
-        self.sha.update(memoryview(buf)[:n])
-        self.nbytes += n
-        return n
-
-    def drain(self):
-        while self.readinto(bytearray(1 << 20)):
-            pass
 
 
 def _check_arrays(sample, where, dim, dtype, fields=tuple(STREAMS)):
@@ -71,34 +49,32 @@ def _verify_tar(shards_dir, split, phase, shard, expected, dim, dtype, n_classes
     if not os.path.exists(path):
         return {"seen": [], "problems": [f"{name}: missing"], "n": shard["samples"]}
     problems, seen = [], []
-    with open(path, "rb") as raw:
-        reader = _HashingReader(raw)
-        try:
-            for raw_sample in group_samples(iter_members(io.BufferedReader(reader, 1 << 20), name), name):
-                key = raw_sample["__key__"]
-                where = f"{name}: key {key}"
-                sample = decode_sample(raw_sample, name)
-                meta, entry = sample["meta"], expected.get(key)
-                seen.append((key, meta.get("label")))
-                found = _check_arrays(sample, where, dim, dtype)
-                if not isinstance(meta.get("label"), int) or not 0 <= meta["label"] < n_classes:
-                    found.append(f"{where}: label {meta.get('label')!r} out of range 0..{n_classes - 1}")
-                if entry is None:
-                    found.append(f"{where}: not in the manifest")
-                else:
-                    found += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
-                              for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
-                if not found and sample_digest(sample) != entry["digest"]:
-                    found.append(f"{where}: content digest differs from the manifest")
-                elif not found and source:
-                    found += _compare_source(sample, entry, where, source, split, phase, dtype)
-                problems += found
-        except ELRError as e:
-            problems.append(str(e))
-        reader.drain()
-    if reader.nbytes != shard["bytes"]:
-        problems.append(f"{name}: {reader.nbytes} bytes, manifest says {shard['bytes']}")
-    elif reader.sha.hexdigest() != shard["sha256"]:
+    try:
+        for raw_sample in group_samples(iter_mapped_members(path, name), name):
+            key = raw_sample["__key__"]
+            where = f"{name}: key {key}"
+            sample = decode_sample(raw_sample, name)
+            meta, entry = sample["meta"], expected.get(key)
+            seen.append((key, meta.get("label")))
+            found = _check_arrays(sample, where, dim, dtype)
+            if not isinstance(meta.get("label"), int) or not 0 <= meta["label"] < n_classes:
+                found.append(f"{where}: label {meta.get('label')!r} out of range 0..{n_classes - 1}")
+            if entry is None:
+                found.append(f"{where}: not in the manifest")
+            else:
+                found += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
+                          for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
+            if not found and sample_digest(sample) != entry["digest"]:
+                found.append(f"{where}: content digest differs from the manifest")
+            elif not found and source:
+                found += _compare_source(sample, entry, where, source, split, phase, dtype)
+            problems += found
+    except ELRError as e:
+        problems.append(str(e))
+    size = os.path.getsize(path)
+    if size != shard["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
+    elif file_sha256(path) != shard["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
     return {"seen": seen, "problems": problems, "n": shard["samples"]}
 

@@ -5,16 +5,9 @@ import os
 
 import click
 
-from shards.errors import ELRError
+from ingest.errors import call
 from train.evaluate import job_index_from_env, merge, run_job, run_on_dask
 from train.report import format_table
-
-
-def _run(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except (ELRError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,7 +53,7 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
         from shards.parallel import dask_client
 
         with dask_client(scheduler=scheduler) as client:
-            scores = _run(run_on_dask, client, num_jobs, out, **args)
+            scores = call(run_on_dask, client, num_jobs, out, **args)
         click.echo(format_table(scores, out))
         return
     if world > 1:  # under torchrun: ranks are the jobs, rank 0 merges once all parts are written
@@ -68,10 +61,10 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
 
         rank = int(os.environ["RANK"])
         dist.init_process_group("gloo")
-        _run(run_job, num_jobs=world, job_index=rank, out=out, **args)
+        call(run_job, num_jobs=world, job_index=rank, out=out, **args)
         dist.barrier()
         if rank == 0:
-            click.echo(format_table(_run(merge, out, shards), out))
+            click.echo(format_table(call(merge, out, shards), out))
         dist.destroy_process_group()
         return
     if job_index is None:
@@ -80,10 +73,10 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
         if num_jobs > 1:
             raise click.UsageError("--job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)")
         job_index = 0
-    path = _run(run_job, num_jobs=num_jobs, job_index=job_index, out=out, **args)
+    path = call(run_job, num_jobs=num_jobs, job_index=job_index, out=out, **args)
     click.echo(f"wrote {path}", err=True)
     if num_jobs == 1:
-        click.echo(format_table(_run(merge, out, shards), out))
+        click.echo(format_table(call(merge, out, shards), out))
 
 
 @main.command("merge")
@@ -98,7 +91,7 @@ def merge_cmd(folder, shards, as_json):
     Example:
       elr-eval merge eval/
     """
-    scores = _run(merge, folder, shards)
+    scores = call(merge, folder, shards)
     click.echo(json.dumps(scores, indent=1) if as_json else format_table(scores, folder))
 
 
