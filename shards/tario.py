@@ -1,7 +1,6 @@
 """WebDataset tar shards: a deterministic writer and a chain of small streaming readers."""
 
 import hashlib
-import io
 import json
 import mmap
 import os

@@ -1,7 +1,6 @@
 """Each bad input gets its documented message, and no partial output is left behind."""
 
 import os
-import pickle
 
 import numpy as np
 import pytest

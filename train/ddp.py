@@ -10,7 +10,6 @@ and Validation (every video as an LR and an HR sequence through the same weights
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
