@@ -20,9 +20,9 @@ from . import __version__
 from .errors import BadVideoError, OutputExistsError, SourceLayoutError
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
 from .parallel import dask_client, run_tasks
-from .source import STREAMS, discover, load_video, read_ahead, scan_video
-from .tario import TarShardWriter, sample_digest
-from .zarrio import create_phase_store, shard_ranges, store_files, write_unit_range
+from .source import STREAMS, discover
+from .tasks import scan_batch, skip_record, tar_task, zarr_task
+from .zarrio import create_phase_store, shard_ranges, store_files
 
 FORMATS = ("webdataset", "zarr")
 DTYPES = ("float32", "float16")
@@ -140,21 +140,11 @@ def _publish(staging: str, out: str) -> dict:
 # ---- scan: headers only, in parallel ---------------------------------------------------------
 
 
-def _scan_batch(videos):
-    results = []
-    for v in videos:
-        try:
-            results.append(("ok", scan_video(v)))
-        except BadVideoError as e:
-            results.append(("bad", (e.class_name, e.video, e.path, e.problem)))
-    return results
-
-
 def _scan(client, tree, cfg):
     """Check every video's headers: {key: units}, the dataset dim, and {key: skip record}."""
     videos = [v for vs in tree.phases.values() for v in vs]
     batches = [videos[i:i + 256] for i in range(0, len(videos), 256)]
-    found = run_tasks(client, [(_scan_batch, b) for b in batches], "scan", len(videos), cfg.progress, count=len)
+    found = run_tasks(client, [(scan_batch, b) for b in batches], "scan", len(videos), cfg.progress, count=len)
     results = [r for batch in found for r in batch]
     dims = Counter(r[1][1] for r in results if r[0] == "ok")
     dim = max(sorted(dims), key=lambda d: dims[d]) if dims else 0
@@ -167,12 +157,8 @@ def _scan(client, tree, cfg):
         elif cfg.on_error == "fail":
             raise BadVideoError(*info)
         else:
-            skipped[v.key] = _skip_record(*info)
+            skipped[v.key] = skip_record(*info)
     return units, dim, skipped
-
-
-def _skip_record(class_name, video, path, problem):
-    return {"class": class_name, "video": video, "path": path, "reason": problem}
 
 
 # ---- plan: which video goes to which shard --------------------------------------------------
@@ -255,77 +241,6 @@ def files_of(record):
     return [(f["path"], f["sha256"]) for f in record.get("files", [])]
 
 
-# ---- the tasks (run on dask workers) -------------------------------------------------------
-
-
-def _tar_task(staging, shard, videos, dtype, on_error, write):
-    """Load, validate and (if `write`) store one tar shard's videos; returns the task record."""
-    samples, skipped, nbytes = [], [], 0
-    writer = TarShardWriter(os.path.join(staging, shard["name"])) if write else None
-    try:
-        for (key, label, _), (v, raws) in zip(shard["videos"], read_ahead(videos)):
-            try:
-                arrays = load_video(v, dtype, raws)
-            except BadVideoError as e:
-                if on_error == "fail":
-                    raise
-                skipped.append(_skip_record(e.class_name, e.video, e.path, e.problem))
-                continue
-            meta = _sample_meta(v, label, arrays["lr_rgb"].shape[0])
-            if writer:
-                writer.write(key, arrays, meta)
-            nbytes += sum(a.nbytes for a in arrays.values())
-            samples.append({"key": key, "label": label, "class": v.class_name, "video": v.video,
-                            "units": meta["units"], "shard": os.path.basename(shard["name"]),
-                            "digest": sample_digest(arrays)})
-        record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "count": len(videos), "files": []}
-        if writer:
-            info = writer.close()
-            record["files"] = [{"path": shard["name"], "bytes": info["bytes"], "sha256": info["sha256"]}]
-        return record
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-
-
-def _sample_meta(v, label, units):
-    return {"label": label, "class": v.class_name, "video": v.video, "units": units,
-            "split": v.split, "phase": v.phase}
-
-
-_BLOCKS = {}  # per worker process: reused block buffers (fresh memory costs a page fault per 4 KB)
-
-
-def _blocks(units, dim, dtype):
-    key = (dim, dtype)
-    if key not in _BLOCKS or _BLOCKS[key]["hr_rgb"].shape[0] < units:
-        _BLOCKS[key] = {s: np.empty((units, dim), dtype=dtype) for s in STREAMS}
-    return {s: b[:units] for s, b in _BLOCKS[key].items()}
-
-
-def _zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
-    """Fill units [start, stop) of every stream from the videos overlapping it, write, hash the files.
-
-    The videos cover every unit of the range (offsets are contiguous), so the blocks need no zeroing.
-    Values are not re-scanned: the tar (or validate) task of every video checks them all, and any
-    failure there abandons the whole build."""
-    blocks = _blocks(stop - start, dim, dtype)
-    for (v, offset), (_, raws) in zip(pieces, read_ahead([v for v, _ in pieces])):
-        arrays = load_video(v, dtype, raws, check_values=False)
-        t = arrays["lr_rgb"].shape[0]
-        a, b = max(start, offset), min(stop, offset + t)
-        for s in STREAMS:
-            blocks[s][a - start:b - start] = arrays[s][a - offset:b - offset]
-    store = os.path.join(staging, store_rel)
-    written = write_unit_range(store, start, stop, blocks)
-    files = []
-    for rel in written:
-        full = os.path.join(store, rel)
-        files.append({"path": f"{store_rel}/{rel}", "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
-    return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "count": len(pieces)}
-
-
 # ---- orchestration --------------------------------------------------------------------------
 
 
@@ -391,13 +306,13 @@ def _tar_jobs(plan, journal, cfg):
         os.makedirs(os.path.join(journal.staging, phase_name), exist_ok=True)
         for shard in phase["shards"]:
             if journal.done(shard["name"]) is None:
-                jobs.append((shard["name"], (_tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
+                jobs.append((shard["name"], (tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
                                              cfg.dtype, cfg.on_error, "webdataset" in cfg.formats)))
     return jobs
 
 
 def _run_jobs(client, journal, jobs, desc, cfg):
-    total = sum(len(call[3]) if call[0] is _tar_task else len(call[5]) for _, call in jobs)
+    total = sum(len(call[3]) if call[0] is tar_task else len(call[5]) for _, call in jobs)
     results = run_tasks(client, [call for _, call in jobs], desc, total, cfg.progress,
                         count=lambda r: r["count"], nbytes=lambda r: r["nbytes"])
     for (name, _), record in zip(jobs, results):
@@ -425,7 +340,7 @@ def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
             first = int(np.searchsorted(offsets, start, side="right")) - 1
             last = int(np.searchsorted(offsets, stop, side="left"))
             pieces = [(videos[samples[i][0]], int(offsets[i])) for i in range(first, last)]
-            jobs.append((name, (_zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype)))
+            jobs.append((name, (zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype)))
     return jobs, layouts
 
 

@@ -1,0 +1,93 @@
+"""The work build-shards sends to dask workers: scan headers, write a tar shard, fill a Zarr shard range."""
+
+import os
+
+import numpy as np
+
+from .errors import BadVideoError
+from .manifest import file_sha256
+from .source import STREAMS, load_video, read_ahead, scan_video
+from .tario import TarShardWriter, sample_digest
+from .zarrio import write_unit_range
+
+
+def scan_batch(videos):
+    results = []
+    for v in videos:
+        try:
+            results.append(("ok", scan_video(v)))
+        except BadVideoError as e:
+            results.append(("bad", (e.class_name, e.video, e.path, e.problem)))
+    return results
+
+
+def skip_record(class_name, video, path, problem):
+    return {"class": class_name, "video": video, "path": path, "reason": problem}
+
+
+def tar_task(staging, shard, videos, dtype, on_error, write):
+    """Load, validate and (if `write`) store one tar shard's videos; returns the task record."""
+    samples, skipped, nbytes = [], [], 0
+    writer = TarShardWriter(os.path.join(staging, shard["name"])) if write else None
+    try:
+        for (key, label, _), (v, raws) in zip(shard["videos"], read_ahead(videos)):
+            try:
+                arrays = load_video(v, dtype, raws)
+            except BadVideoError as e:
+                if on_error == "fail":
+                    raise
+                skipped.append(skip_record(e.class_name, e.video, e.path, e.problem))
+                continue
+            meta = _sample_meta(v, label, arrays["lr_rgb"].shape[0])
+            if writer:
+                writer.write(key, arrays, meta)
+            nbytes += sum(a.nbytes for a in arrays.values())
+            samples.append({"key": key, "label": label, "class": v.class_name, "video": v.video,
+                            "units": meta["units"], "shard": os.path.basename(shard["name"]),
+                            "digest": sample_digest(arrays)})
+        record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "count": len(videos), "files": []}
+        if writer:
+            info = writer.close()
+            record["files"] = [{"path": shard["name"], "bytes": info["bytes"], "sha256": info["sha256"]}]
+        return record
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+
+
+def _sample_meta(v, label, units):
+    return {"label": label, "class": v.class_name, "video": v.video, "units": units,
+            "split": v.split, "phase": v.phase}
+
+
+_BLOCKS = {}  # per worker process: reused block buffers (fresh memory costs a page fault per 4 KB)
+
+
+def _blocks(units, dim, dtype):
+    key = (dim, dtype)
+    if key not in _BLOCKS or _BLOCKS[key]["hr_rgb"].shape[0] < units:
+        _BLOCKS[key] = {s: np.empty((units, dim), dtype=dtype) for s in STREAMS}
+    return {s: b[:units] for s, b in _BLOCKS[key].items()}
+
+
+def zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
+    """Fill units [start, stop) of every stream from the videos overlapping it, write, hash the files.
+
+    The videos cover every unit of the range (offsets are contiguous), so the blocks need no zeroing.
+    Values are not re-scanned: the tar (or validate) task of every video checks them all, and any
+    failure there abandons the whole build."""
+    blocks = _blocks(stop - start, dim, dtype)
+    for (v, offset), (_, raws) in zip(pieces, read_ahead([v for v, _ in pieces])):
+        arrays = load_video(v, dtype, raws, check_values=False)
+        t = arrays["lr_rgb"].shape[0]
+        a, b = max(start, offset), min(stop, offset + t)
+        for s in STREAMS:
+            blocks[s][a - start:b - start] = arrays[s][a - offset:b - offset]
+    store = os.path.join(staging, store_rel)
+    written = write_unit_range(store, start, stop, blocks)
+    files = []
+    for rel in written:
+        full = os.path.join(store, rel)
+        files.append({"path": f"{store_rel}/{rel}", "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
+    return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "count": len(pieces)}
