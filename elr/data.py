@@ -91,17 +91,21 @@ def iter_pieces(pieces, fields):
 
 
 def collate(samples, fields, stream: int, step: int) -> dict:
-    """Pad a micro-batch: one (B, T, D) tensor per field in the storage dtype, plus lengths and labels."""
+    """Pad a micro-batch: one (B, T, D) tensor per field in the storage dtype, plus lengths and labels.
+
+    The fields are views of one block, so a batch crosses from a DataLoader worker as one
+    shared-memory segment (plus one for lengths and labels) instead of one per tensor."""
     lengths = [s[fields[0]].shape[0] for s in samples]
-    t_max = max(lengths)
-    batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
-             "lengths": torch.tensor(lengths), "labels": torch.tensor([s["meta"]["label"] for s in samples])}
-    for f in fields:
-        first = samples[0][f]
-        out = np.zeros((len(samples), t_max, first.shape[1]), dtype=first.dtype)
+    first = samples[0][fields[0]]
+    block = np.zeros((len(fields), len(samples), max(lengths), first.shape[1]), dtype=first.dtype)
+    for j, f in enumerate(fields):
         for i, s in enumerate(samples):
-            out[i, :lengths[i]] = s[f]
-        batch[f] = torch.from_numpy(out)
+            block[j, i, :lengths[i]] = s[f]
+    counts = torch.tensor([lengths, [s["meta"]["label"] for s in samples]])  # (2, B): lengths, labels
+    batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
+             "lengths": counts[0], "labels": counts[1]}
+    tensors = torch.from_numpy(block)
+    batch.update({f: tensors[j] for j, f in enumerate(fields)})
     return batch
 
 

@@ -1,5 +1,6 @@
 """Read and write `.npy` bytes without ever unpickling, with errors that say what is wrong."""
 
+import functools
 import io
 
 import numpy as np
@@ -31,10 +32,21 @@ def parse_npy_header(fp):
     return shape, fortran, dtype, fp.tell()
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_header(head: bytes):
+    """parse_npy_header of a complete header; shard members repeat a few headers, and numpy's parser
+    compiles every one with ast.literal_eval."""
+    return parse_npy_header(io.BytesIO(head))
+
+
 def npy_from_bytes(raw) -> np.ndarray:
     """Decode `.npy` bytes (or a memoryview) into an array viewing `raw` (no copy, no pickle)."""
-    fp = io.BytesIO(raw[:1 << 16])  # the header is at most 64 KiB (format 2.0); the data is not copied
-    shape, fortran, dtype, offset = parse_npy_header(fp)
+    if bytes(raw[:8]) == b"\x93NUMPY\x01\x00":  # format 1.0: the header length is in bytes 8-9
+        head = bytes(raw[:10 + int.from_bytes(raw[8:10], "little")])
+        shape, fortran, dtype, offset = _cached_header(head)
+    else:
+        fp = io.BytesIO(raw[:1 << 16])  # the header is at most 64 KiB (format 2.0); the data is not copied
+        shape, fortran, dtype, offset = parse_npy_header(fp)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     found = len(raw) - offset
     if found < expected:
