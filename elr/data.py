@@ -203,13 +203,23 @@ def padding_fraction(micro_batches, field) -> float:
 
 
 def merge_to_device(micro_batches, fields, device, non_blocking=False) -> dict:
-    """Move micro-batches to `device` and join them into one padded batch per field."""
+    """Move micro-batches to `device` and join them into one padded batch per field.
+
+    Each field's batch is allocated once on the device and every micro-batch copied into its slice
+    (pad-then-cat copied everything twice)."""
     t_max = max(mb[fields[0]].shape[1] for mb in micro_batches)
     out = {"lengths": torch.cat([mb["lengths"] for mb in micro_batches]),
            "labels": torch.cat([mb["labels"] for mb in micro_batches]).to(device, non_blocking=non_blocking)}
+    n = len(out["lengths"])
     for f in fields:
-        parts = [mb[f].to(device, non_blocking=non_blocking) for mb in micro_batches]
-        out[f] = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, t_max - p.shape[1])) for p in parts])
+        first = micro_batches[0][f]
+        dest = torch.zeros((n, t_max, first.shape[2]), dtype=first.dtype, device=device)
+        row = 0
+        for mb in micro_batches:
+            x = mb[f]
+            dest[row:row + x.shape[0], :x.shape[1]].copy_(x, non_blocking=non_blocking)
+            row += x.shape[0]
+        out[f] = dest
     return out
 
 
