@@ -224,9 +224,9 @@ class _Journal:
             return None
         with open(path) as f:
             record = json.load(f)
-        for rel, sha in files_of(record):
-            full = os.path.join(self.staging, rel)
-            if not os.path.exists(full) or file_sha256(full) != sha:
+        for f in record.get("files", []):
+            full = os.path.join(self.staging, f["path"])
+            if not os.path.exists(full) or file_sha256(full) != f["sha256"]:
                 return None
         self.checked[name] = record
         return record
@@ -235,10 +235,6 @@ class _Journal:
         write_json_atomic(self._path(name), record)
         self.checked[name] = record
 
-
-def files_of(record):
-    """(relative path, sha256) of the files a task record vouches for."""
-    return [(f["path"], f["sha256"]) for f in record.get("files", [])]
 
 
 # ---- orchestration --------------------------------------------------------------------------

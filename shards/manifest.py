@@ -61,10 +61,3 @@ def iter_phases(manifest: dict):
         for phase, entry in manifest["splits"][split].items():
             yield split, phase, entry
 
-
-def phase_entry(manifest: dict, split: str, phase: str) -> dict:
-    try:
-        return manifest["splits"][split][phase]
-    except KeyError:
-        have = [f"{s}/{p}" for s, p, _ in iter_phases(manifest)]
-        raise ManifestError(f"no phase {split}/{phase} in the shard set (has: {', '.join(have)})") from None

@@ -4,8 +4,6 @@ Streams are separate arrays, so a reader can take the LR streams of a video with
 """
 
 import os
-from bisect import bisect_right
-
 import numpy as np
 import zarr
 
@@ -77,6 +75,3 @@ class ZarrPhaseReader:
             sample = {"__key__": self.keys[i], "label": int(self.labels[i])}
             sample.update({s: blocks[s][a:b] for s in fields})
             yield sample
-
-    def sample_at_unit(self, unit: int) -> int:
-        return bisect_right(self.offsets, unit) - 1
