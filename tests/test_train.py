@@ -114,17 +114,22 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_p
     assert [m["epoch"] for m in metrics][-1] == 3 and os.path.exists(os.path.join(out, "curves.png"))
 
 
-def test_max_restarts_recovers_from_a_killed_worker(train_shards, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "python"])
+def test_max_restarts_recovers_from_a_killed_worker(train_shards, tmp_path, launcher):
     import psutil
 
     common = ["--shards", train_shards, "--epochs", "3", *SMALL, "--checkpoint-every", "1"]
     run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
     out = str(tmp_path / "restarted")
-    proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--max-restarts", "2"],
-                            cwd=REPO, env=ENV, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    if launcher == "torchrun":
+        cmd = TORCHRUN + ["--nproc-per-node", "2", "--max-restarts", "2", TRAIN, "--out", out, *common]
+    else:
+        cmd = [sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--max-restarts", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wait_for_step(out, 3, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
-    assert workers, "no worker processes found"
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline()) or TRAIN in p.cmdline()]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
     workers[-1].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
     assert_same_weights(weights(out), weights(tmp_path / "clean"))

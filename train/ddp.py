@@ -122,11 +122,16 @@ def train(cfg: TrainConfig) -> dict:
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # After a restart the workers share the launcher's store with the dead round's keys: a prefix
+        # per round keeps a rank from connecting to a peer address of the previous round.
+        store, _, _ = next(dist.rendezvous("env://"))
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"elr-round-{restart}", store),
+                                rank=rank, world_size=world)
     master = rank == 0
     ctx = torch.autocast(device.type, dtype=AMP[cfg.amp]) if AMP[cfg.amp] else nullcontext()
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    restarted = restart > 0
     last_path = os.path.join(cfg.out, "last.pt")
     resume = (cfg.resume or restarted) and os.path.exists(last_path)
     if master and not resume and os.path.exists(last_path):
