@@ -1,9 +1,19 @@
 """The seed's two-stream bidirectional GRU, and its checkpoint formats."""
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
+
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp choices -> autocast dtype
+
+
+def autocast(device_type: str, amp: str):
+    """The mixed-precision context for --amp (a no-op for "off"); the classifier and loss stay float32."""
+    return torch.autocast(device_type, dtype=AMP[amp]) if AMP[amp] else nullcontext()
 
 
 def normalise_units(x: torch.Tensor) -> torch.Tensor:

@@ -83,13 +83,9 @@ class TarShardWriter:
 # Reading: open -> members -> samples (grouped) -> decoded dicts. Each stage names the shard in its errors.
 
 
-def open_shard(url: str):
-    """A readable binary stream for a local path, file:// or http(s):// URL (streamed, not downloaded first)."""
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    return open(url, "rb", buffering=1 << 20)
+def open_url(url: str):
+    """A readable stream of an http(s):// shard: streamed, never downloaded first (local shards are mapped)."""
+    return urllib.request.urlopen(url, timeout=60)
 
 
 def iter_mapped_members(path: str, name: str | None = None):
@@ -172,7 +168,7 @@ def decode_sample(raw: dict, name: str, fields=tuple(STREAMS)) -> dict:
 def iter_raw_samples(url: str):
     """Raw (undecoded) samples of one shard, in stored order: mapped for local files, streamed for URLs."""
     if url.startswith(("http://", "https://")):
-        with open_shard(url) as stream:
+        with open_url(url) as stream:
             yield from group_samples(iter_members(stream, url), url)
     else:
         path = url[len("file://"):] if url.startswith("file://") else url

@@ -35,12 +35,13 @@ def _source_video(source, split, phase, entry):
 
 
 def _compare_source(sample, entry, where, source, split, phase, dtype):
+    video = _source_video(source, split, phase, entry)
     try:
-        arrays = load_video(_source_video(source, split, phase, entry), dtype)
+        arrays = load_video(video, dtype)
     except BadVideoError as e:
         return [f"{where}: source unreadable: {e}"]
-    return [f"{where}: {s} differs from its source {_source_video(source, split, phase, entry).paths[i]}"
-            for i, s in enumerate(STREAMS) if not np.array_equal(arrays[s], sample[s])]
+    return [f"{where}: {s} differs from its source {path}"
+            for s, path in zip(STREAMS, video.paths) if not np.array_equal(arrays[s], sample[s])]
 
 
 def _verify_tar(shards_dir, split, phase, shard, expected, dim, dtype, n_classes, source):

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -28,10 +27,9 @@ from elr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from elr.data import HR, LR, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, iter_eval_batches  # noqa: E402
 from elr.data import load_manifest, padding_fraction, phase_shards  # noqa: E402
 from elr.metrics import append_metrics, plot_curves, read_metrics  # noqa: E402
-from elr.model import TwoStreamGRU, export_seed_state_dict, normalise_units  # noqa: E402
+from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, normalise_units  # noqa: E402
 
 TRAIN_ON = {"lr+hr": (LR, HR), "lr": (LR,), "hr": (HR,)}
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 @dataclass
@@ -130,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"elr-round-{restart}", store),
                                 rank=rank, world_size=world)
     master = rank == 0
-    ctx = torch.autocast(device.type, dtype=AMP[cfg.amp]) if AMP[cfg.amp] else nullcontext()
+    ctx = autocast(device.type, cfg.amp)
     restarted = restart > 0
     last_path = os.path.join(cfg.out, "last.pt")
     resume = (cfg.resume or restarted) and os.path.exists(last_path)

@@ -10,29 +10,19 @@ import hashlib
 import json
 import os
 import tempfile
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from elr.data import LR, collate, iter_eval_batches, load_manifest, phase_shards
-from elr.model import load_weights, normalise_units
+from elr.model import autocast, load_weights, normalise_units
 from shards.errors import ELRError
+from shards.manifest import file_sha256
 from shards.zarrio import ZarrPhaseReader
-
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class EvalError(ELRError):
     """A part set that cannot be merged, or a checkpoint that does not fit the shard set."""
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -88,7 +78,7 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
                         f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     model = model.to(dev).eval()
-    ctx = torch.autocast(dev.type, dtype=AMP[amp]) if AMP[amp] else nullcontext()
+    ctx = autocast(dev.type, amp)
     keys, labels, logits = [], [], []
     with torch.no_grad():
         for b in _batches(manifest, shards, split, phase, job_index, num_jobs, fmt, batch):
@@ -98,7 +88,7 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
             keys += b["keys"]
             labels.append(b["labels"].numpy())
             logits.append(out_logits.float().cpu().numpy())
-    stamp = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
+    stamp = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "manifest_sha256": manifest_digest(manifest), "shards": shards, "split": split, "phase": phase,
              "job_index": job_index, "num_jobs": num_jobs, "classes": manifest["classes"]}
     n_classes = len(manifest["classes"])
