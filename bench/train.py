@@ -1,6 +1,6 @@
 """Benchmark the training input pipeline against the seed's per-file loader, in one run.
 
-    python bench/train.py [--work bench/_work] [--steps 12] [--batch-size 32] [--device auto] [--amp off]
+    python bench/train.py [--work bench/_work] [--steps 12] [--batch-size 256] [--device auto] [--amp off]
 
 On one HMDB51-sized tree (bench/ingest.py makes it) and its tar shards, measures in sequences/s:
   (a) our shard loader alone          (b) full training steps with it
@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.ingest import warm  # noqa: E402
-from elr.data import HR, LR, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, load_manifest, phase_shards  # noqa: E402
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, auto_workers, input_fields, ShardStream, StepLoader, StreamPlan, load_manifest, phase_shards  # noqa: E402
 from elr.model import TwoStreamGRU, normalise_units  # noqa: E402
 from shards.build import BuildConfig, build_shards  # noqa: E402
 from shards.demo import DemoConfig, make_demo  # noqa: E402
 
-FIELDS = LR + HR
+INPUTS = TRAIN_INPUTS["lr+hr"]  # the seed's coupling: every video as an LR and an HR sequence
+FIELDS = input_fields(INPUTS)
 
 
 class SeedDataLayer(Dataset):
@@ -63,6 +64,7 @@ class SeedDataLayer(Dataset):
 
 
 def train_step(model, opt, rgb, flow, lengths, labels, ctx):
+    """One optimiser step on L2-normalised inputs."""
     with ctx:
         logits = model(rgb, flow, lengths)
     loss = F.cross_entropy(logits.float(), labels)
@@ -99,14 +101,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench/_work")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (LR and HR count separately)")
+    ap.add_argument("--batch-size", type=int, default=256, help="sequences per step (LR and HR count separately)")
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=-1, help="loader worker processes; -1: as train/ddp.py (0 on CPU)")
+    ap.add_argument("--seed-workers", type=int, default=2, help="DataLoader workers of the seed's loader")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    workers = args.workers if args.workers >= 0 else auto_workers(device)
     ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]) \
         if args.amp != "off" else torch.autocast(device.type, enabled=False)
 
@@ -122,17 +126,16 @@ def main():
 
     def our_loader():
         ds = ShardStream(plan, 0, 1, FIELDS, seed=0)
-        return DevicePrefetcher(StepLoader(ds, args.workers, pin_memory=device.type == "cuda"), FIELDS, device)
+        return DevicePrefetcher(StepLoader(ds, workers, pin_memory=device.type == "cuda"), INPUTS, device)
 
     def seed_loader():
         ds = SeedDataLayer(os.path.join(root, "Split1"), "Train")
-        return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.seed_workers,
                           pin_memory=device.type == "cuda")
 
-    def couple(batch):
-        rgb = torch.cat([batch["lr_rgb"], batch["hr_rgb"]])
-        flow = torch.cat([batch["lr_flow"], batch["hr_flow"]])
-        return normalise_units(rgb), normalise_units(flow), batch["lengths"].repeat(2), batch["labels"].repeat(2)
+    def normalised(batch, inplace):
+        return (normalise_units(batch["rgb"], inplace), normalise_units(batch["flow"], inplace),
+                batch["lengths"], batch["labels"])
 
     rows = {}
     ours_per_item = lambda item: 2 * len(item[1]["labels"])  # noqa: E731  (an LR and an HR sequence per video)
@@ -148,7 +151,7 @@ def main():
     torch.manual_seed(0)
     model = TwoStreamGRU(manifest["dim"], args.hidden, len(manifest["classes"])).to(device)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
-    in_memory = [couple(b) for _, (_, b) in zip(range(3), our_loader())]
+    in_memory = [normalised(b, False) for _, (_, b) in zip(range(3), our_loader())]
     for batch in in_memory:  # warm-up: allocator, kernels
         train_step(model, opt, *batch, ctx)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -167,7 +170,7 @@ def main():
             t, waits = time.perf_counter(), 0.0
         elif i > 1:
             waits += time.perf_counter() - t_fetch
-        train_step(model, opt, *couple(batch), ctx)
+        train_step(model, opt, *normalised(batch, True), ctx)
         t_fetch = time.perf_counter()
     sync()
     elapsed = time.perf_counter() - t
@@ -186,7 +189,7 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{plan.n_samples} training videos, dim {manifest['dim']}, hidden {args.hidden}, batch {args.batch_size} "
-          f"sequences, {args.workers} loader workers, device {name}, amp {args.amp}")
+          f"sequences, loader workers: ours {workers}, seed's {args.seed_workers}, device {name}, amp {args.amp}")
     print(f"{'measure':<38}{'seq/s':>10}")
     for k, v in rows.items():
         print(f"{k:<38}{v:>10.1f}")

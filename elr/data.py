@@ -173,8 +173,17 @@ def worker_count(streams_per_rank: int, wanted: int) -> int:
     return max(k for k in range(1, max(1, wanted) + 1) if streams_per_rank % k == 0) if wanted > 0 else 0
 
 
+def auto_workers(device) -> int:
+    """Loader worker processes for `--workers -1`: 2 beside a GPU, none on CPU (see StepLoader)."""
+    return 2 if torch.device(device).type == "cuda" else 0
+
+
 class StepLoader:
-    """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step."""
+    """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step.
+
+    num_workers > 0: DataLoader worker processes read and collate ahead (a GPU host's spare cores).
+    0: the training process reads each step when it needs it, with no hand-off between processes; on
+    CPU, where the cores that would run workers are the ones computing, this measured fastest."""
 
     def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False):
         self.dataset = dataset
@@ -202,40 +211,60 @@ def padding_fraction(micro_batches, field) -> float:
     return 1.0 - real / total
 
 
-def merge_to_device(micro_batches, fields, device, non_blocking=False) -> dict:
-    """Move micro-batches to `device` and join them into one padded batch per field.
+# Model inputs of a training step, per --train-on: each input stacks these fields along the batch.
+# With lr+hr every video is trained twice through the same weights, as its LR and its HR sequence
+# (the paper's coupling): rows 0..N-1 are LR, rows N..2N-1 are HR.
+TRAIN_INPUTS = {
+    "lr+hr": {"rgb": ("lr_rgb", "hr_rgb"), "flow": ("lr_flow", "hr_flow")},
+    "lr": {"rgb": ("lr_rgb",), "flow": ("lr_flow",)},
+    "hr": {"rgb": ("hr_rgb",), "flow": ("hr_flow",)},
+}
 
-    Each field's batch is allocated once on the device and every micro-batch copied into its slice
-    (pad-then-cat copied everything twice)."""
-    t_max = max(mb[fields[0]].shape[1] for mb in micro_batches)
-    out = {"lengths": torch.cat([mb["lengths"] for mb in micro_batches]),
-           "labels": torch.cat([mb["labels"] for mb in micro_batches]).to(device, non_blocking=non_blocking)}
-    n = len(out["lengths"])
-    for f in fields:
-        first = micro_batches[0][f]
-        dest = torch.zeros((n, t_max, first.shape[2]), dtype=first.dtype, device=device)
+
+def input_fields(inputs: dict) -> tuple:
+    """The sample fields a layout of model inputs reads, LR before HR."""
+    return tuple(f for group in zip(*inputs.values()) for f in group)
+
+
+def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> dict:
+    """Join a step's micro-batches into one padded (N, T, D) tensor per model input, on `device`.
+
+    `inputs` maps each input to the fields it stacks along the batch (see TRAIN_INPUTS); lengths and
+    labels are repeated to match. Each input is allocated once and every micro-batch copied into its
+    slice: no pad-then-cat, no later cat of LR and HR."""
+    t_max = max(mb["lengths"].max().item() for mb in micro_batches)
+    lengths = torch.cat([mb["lengths"] for mb in micro_batches])
+    labels = torch.cat([mb["labels"] for mb in micro_batches])
+    n, copies = len(lengths), len(next(iter(inputs.values())))
+    out = {"lengths": lengths.repeat(copies),
+           "labels": labels.repeat(copies).to(device, non_blocking=non_blocking)}
+    for name, fields in inputs.items():
+        first = micro_batches[0][fields[0]]
+        dest = torch.empty((copies * n, t_max, first.shape[2]), dtype=first.dtype, device=device)
         row = 0
-        for mb in micro_batches:
-            x = mb[f]
-            dest[row:row + x.shape[0], :x.shape[1]].copy_(x, non_blocking=non_blocking)
-            row += x.shape[0]
-        out[f] = dest
+        for f in fields:
+            for mb in micro_batches:
+                x = mb[f]
+                dest[row:row + x.shape[0], :x.shape[1]].copy_(x, non_blocking=non_blocking)
+                dest[row:row + x.shape[0], x.shape[1]:].zero_()  # only the padding is zeroed
+                row += x.shape[0]
+        out[name] = dest
     return out
 
 
 class DevicePrefetcher:
     """On CUDA, copy step i+1 to the GPU on a side stream while step i computes; on CPU, pass through."""
 
-    def __init__(self, steps, fields, device):
-        self.steps, self.fields, self.device = steps, fields, torch.device(device)
+    def __init__(self, steps, inputs: dict, device):
+        self.steps, self.inputs, self.device = steps, inputs, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def _load(self, group):
         if not self.cuda:
-            return group, merge_to_device(group, self.fields, self.device)
+            return group, merge_to_device(group, self.inputs, self.device)
         with torch.cuda.stream(self.copy_stream):
-            return group, merge_to_device(group, self.fields, self.device, non_blocking=True)
+            return group, merge_to_device(group, self.inputs, self.device, non_blocking=True)
 
     def __iter__(self):
         it = iter(self.steps)

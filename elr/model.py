@@ -16,10 +16,14 @@ def autocast(device_type: str, amp: str):
     return torch.autocast(device_type, dtype=AMP[amp]) if AMP[amp] else nullcontext()
 
 
-def normalise_units(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise every unit (last dim) in float32, as the seed's loader does; padded zero units stay zero."""
+def normalise_units(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """L2-normalise every unit (last dim) in float32, as the seed's loader does; padded zero units stay zero.
+
+    inplace: divide `x` itself when it is already float32 (a training step's own merged batch),
+    saving a batch-sized allocation per input and step."""
     x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x.div_(norm) if inplace else x / norm
 
 
 class TwoStreamGRU(nn.Module):

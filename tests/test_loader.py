@@ -8,7 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from elr.data import LR, ShardStream, StepLoader, StreamPlan, load_manifest, phase_shards
+from elr.data import LR, TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, input_fields, load_manifest, merge_to_device
+from elr.data import phase_shards
+from shards.tario import decode_sample, iter_raw_samples
 from shards.source import STREAMS
 from shards.tario import TarShardWriter
 
@@ -78,6 +80,29 @@ def test_resume_position_skips_exactly(uneven_shards):
         for x, y in zip(a, b):
             assert x["keys"] == y["keys"]
             np.testing.assert_array_equal(x["lr_rgb"].numpy(), y["lr_rgb"].numpy())
+
+
+def test_merged_step_stacks_lr_then_hr_exactly(uneven_shards):
+    """The coupled step: rows 0..N-1 hold each video's LR arrays, rows N..2N-1 its HR arrays, zero-padded."""
+    inputs = TRAIN_INPUTS["lr+hr"]
+    assert input_fields(inputs) == ("lr_rgb", "lr_flow", "hr_rgb", "hr_flow")
+    plan = StreamPlan(uneven_shards, n_streams=2, micro_batch=4)
+    ds = ShardStream(plan, 0, 1, input_fields(inputs), 0, buffer=4)
+    group = next(iter(StepLoader(ds, 0)))
+    batch = merge_to_device(group, inputs, "cpu")
+    source = {s["__key__"]: s for url, _ in uneven_shards for s in (decode_sample(r, url, STREAMS)
+                                                                      for r in iter_raw_samples(url))}
+    keys = [k for mb in group for k in mb["keys"]]
+    n, t_max = len(keys), max(source[k]["lr_rgb"].shape[0] for k in keys)
+    assert batch["rgb"].shape == batch["flow"].shape == (2 * n, t_max, 4)
+    assert batch["lengths"].tolist() == 2 * [source[k]["lr_rgb"].shape[0] for k in keys]
+    assert batch["labels"].tolist() == 2 * [source[k]["meta"]["label"] for k in keys]
+    for i, k in enumerate(keys):
+        t = source[k]["lr_rgb"].shape[0]
+        for name, (lr, hr) in inputs.items():
+            np.testing.assert_array_equal(batch[name][i, :t].numpy(), source[k][lr])
+            np.testing.assert_array_equal(batch[name][n + i, :t].numpy(), source[k][hr])
+            assert not batch[name][i, t:].any() and not batch[name][n + i, t:].any()
 
 
 def test_bucketing_keeps_padding_small(uneven_shards):

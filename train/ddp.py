@@ -24,12 +24,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
 
 from elr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from elr.data import HR, LR, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, iter_eval_batches  # noqa: E402
-from elr.data import load_manifest, padding_fraction, phase_shards  # noqa: E402
+from elr.data import LR, TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers  # noqa: E402
+from elr.data import input_fields, iter_eval_batches, load_manifest, padding_fraction, phase_shards  # noqa: E402
 from elr.metrics import append_metrics, plot_curves, read_metrics  # noqa: E402
 from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, normalise_units  # noqa: E402
-
-TRAIN_ON = {"lr+hr": (LR, HR), "lr": (LR,), "hr": (HR,)}
 
 
 @dataclass
@@ -46,7 +44,7 @@ class TrainConfig:
     test_every: int = 5  # test on Test LR every N epochs, and after the last
     data_streams: int = 8  # virtual data streams; a multiple of the number of processes
     shuffle_buffer: int = 256  # videos per length-bucketing shuffle window
-    workers: int = 2  # DataLoader workers per process
+    workers: int = -1  # DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (see StepLoader)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     max_steps: int = 0  # stop after N steps in all (0: no limit); for smoke tests and benchmarks
     seed: int = 0
@@ -58,18 +56,20 @@ class TrainConfig:
     max_restarts: int = 0  # with --nproc: restart failed workers from the last checkpoint
 
     def __post_init__(self):
-        if self.train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {sorted(TRAIN_ON)}, got {self.train_on!r}")
+        if self.train_on not in TRAIN_INPUTS:
+            raise ValueError(f"train_on must be one of {sorted(TRAIN_INPUTS)}, got {self.train_on!r}")
+        if self.workers < -1:
+            raise ValueError(f"workers must be >= 0, or -1 for automatic, got {self.workers}")
         if self.amp not in AMP:
             raise ValueError(f"amp must be one of {sorted(AMP)}, got {self.amp!r}")
-        per_video = len(TRAIN_ON[self.train_on])
+        per_video = len(TRAIN_INPUTS[self.train_on]["rgb"])
         if self.batch_size % (per_video * self.data_streams):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of data_streams x sequences per "
                              f"video ({self.data_streams} x {per_video})")
 
     @property
     def micro_batch(self) -> int:
-        return self.batch_size // len(TRAIN_ON[self.train_on]) // self.data_streams
+        return self.batch_size // len(TRAIN_INPUTS[self.train_on]["rgb"]) // self.data_streams
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> dict:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    loader_workers = cfg.workers if cfg.workers >= 0 else auto_workers(device)
     if use_cuda:
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)
@@ -141,7 +142,8 @@ def train(cfg: TrainConfig) -> dict:
     train_shards = phase_shards(manifest, cfg.shards, cfg.split, ("Train", "Validation"))
     test_shards = phase_shards(manifest, cfg.shards, cfg.split, ("Test",))
     plan = StreamPlan(train_shards, cfg.data_streams, cfg.micro_batch)
-    fields_needed = tuple(f for group in TRAIN_ON[cfg.train_on] for f in group)
+    inputs = TRAIN_INPUTS[cfg.train_on]
+    fields_needed = input_fields(inputs)
     dataset = ShardStream(plan, rank, world, fields_needed, cfg.seed, cfg.shuffle_buffer)
 
     # ---- model and optimiser (same seed on every rank; DDP also broadcasts rank 0's weights)
@@ -161,7 +163,8 @@ def train(cfg: TrainConfig) -> dict:
     if master:
         resolved = {**asdict(cfg), "world_size": world, "device": str(device), "classes": len(classes), "dim": dim,
                     "train_videos": plan.n_samples, "steps_per_epoch": plan.steps_per_epoch,
-                    "micro_batch": cfg.micro_batch, "resumed_at": [start_epoch, start_step] if resume else None}
+                    "micro_batch": cfg.micro_batch, "loader_workers": loader_workers,
+                    "resumed_at": [start_epoch, start_step] if resume else None}
         log("config " + json.dumps(resolved, sort_keys=True))
         os.makedirs(cfg.out, exist_ok=True)
 
@@ -176,21 +179,19 @@ def train(cfg: TrainConfig) -> dict:
     result = {"test_acc": None}
     for epoch in range(start_epoch, cfg.epochs):
         dataset.set_position(epoch, start_step if epoch == start_epoch else 0)
-        steps = StepLoader(dataset, cfg.workers, pin_memory=use_cuda)
+        steps = StepLoader(dataset, loader_workers, pin_memory=use_cuda)
         bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
                    file=sys.stderr, leave=False)
         loss_sum, seqs, pad_sum, n_steps, wait, t0 = 0.0, 0, 0.0, 0, 0.0, time.perf_counter()
         t_fetch = time.perf_counter()
         stopped = False
-        for group, batch in DevicePrefetcher(steps, fields_needed, device):
+        for group, batch in DevicePrefetcher(steps, inputs, device):
             wait += time.perf_counter() - t_fetch
             step = group[0]["step"]
-            rgb = torch.cat([batch[g[0]] for g in TRAIN_ON[cfg.train_on]])  # (S*B, T, D): LR then HR
-            flow = torch.cat([batch[g[1]] for g in TRAIN_ON[cfg.train_on]])
-            n_seq = len(TRAIN_ON[cfg.train_on])
-            lengths, labels = batch["lengths"].repeat(n_seq), batch["labels"].repeat(n_seq)
-            with ctx:
-                logits = ddp_model(normalise_units(rgb), normalise_units(flow), lengths)
+            lengths, labels = batch["lengths"], batch["labels"]
+            with ctx:  # the merged batch is this step's own: normalise it in place
+                logits = ddp_model(normalise_units(batch["rgb"], inplace=True),
+                                   normalise_units(batch["flow"], inplace=True), lengths)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -1,0 +1,61 @@
+"""The mapped tar reader: same members as tarfile for USTAR, GNU and v7 archives; damaged headers named."""
+
+import io
+import tarfile
+
+import pytest
+
+from shards.errors import ShardCorruptError
+from shards.tario import iter_mapped_members
+
+MEMBERS = {
+    "k000.json": b'{"label": 1}',
+    "k000.lr_rgb.npy": bytes(range(256)) * 5,  # not a multiple of 512: the reader must skip the padding
+    "k001.json": b"",  # empty member
+    "deep/" * 20 + "k002.json": b"{}",  # 120 characters: USTAR stores it as prefix + name
+}
+
+
+def write_tar(path, fmt, members=MEMBERS):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # not a regular file: skipped
+    return path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_members_equal_tarfiles(tmp_path, fmt):
+    members = MEMBERS if fmt == tarfile.USTAR_FORMAT else {k: v for k, v in MEMBERS.items() if len(k) <= 100}
+    path = write_tar(str(tmp_path / "a.tar"), fmt, members)
+    got = [(name, bytes(view)) for name, view in iter_mapped_members(path, "a.tar")]
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert got == expected == list(members.items())
+
+
+def test_v7_header_goes_through_tarfile(tmp_path):
+    path = str(tmp_path / "v7.tar")
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("k.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    data = bytearray(open(path, "rb").read())
+    data[257:265] = bytes(8)  # no magic: a pre-POSIX (v7) header
+    data[148:156] = b"%06o\0 " % (sum(data[:148]) + 256 + sum(data[156:512]))
+    open(path, "wb").write(bytes(data))
+    assert [(n, bytes(v)) for n, v in iter_mapped_members(path, "v7.tar")] == [("k.json", b"{}")]
+
+
+def test_bad_checksum_is_named(tmp_path):
+    path = write_tar(str(tmp_path / "b.tar"), tarfile.USTAR_FORMAT)
+    data = bytearray(open(path, "rb").read())
+    data[512 * 2 + 3] ^= 0x20  # a letter of the second member's name
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ShardCorruptError) as e:
+        list(iter_mapped_members(path, "b.tar"))
+    assert str(e.value) == "b.tar: truncated or not a tar file (bad header at byte 1024: bad checksum)"
