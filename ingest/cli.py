@@ -84,6 +84,8 @@ def make_demo_cmd(out, **options):
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set once the new one is complete.")
 @click.option("--zarr-chunk-units", default=512, show_default=True, help="Units per Zarr chunk (the smallest read).")
 @click.option("--zarr-shard-units", default=2048, show_default=True, help="Units per Zarr shard file.")
+@click.option("--direct-io/--page-cache", "direct_io", default=True, show_default=True,
+              help="Write shard files around the page cache (O_DIRECT, where the filesystem allows), or through it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):
     """Turn DATA_ROOT (the seed's data/HMDB51 tree) into tar shards and Zarr stores.

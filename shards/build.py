@@ -44,6 +44,7 @@ class BuildConfig:
     overwrite: bool = False  # replace an existing shard set (it stays in place until the new one is complete)
     zarr_chunk_units: int = 512  # units per Zarr chunk, the smallest read (8 MB at dim 4096: zarr is slow on small chunks)
     zarr_shard_units: int = 2048  # units per Zarr shard file (one writer task each)
+    direct_io: bool = True  # write shard files around the page cache where possible (shards/directio.py)
     progress: bool = field(default=True, repr=False)
 
     def __post_init__(self):
@@ -303,7 +304,7 @@ def _tar_jobs(plan, journal, cfg):
         for shard in phase["shards"]:
             if journal.done(shard["name"]) is None:
                 jobs.append((shard["name"], (tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
-                                             cfg.dtype, cfg.on_error, "webdataset" in cfg.formats)))
+                                             cfg.dtype, cfg.on_error, "webdataset" in cfg.formats, cfg.direct_io)))
     return jobs
 
 
@@ -336,7 +337,8 @@ def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
             first = int(np.searchsorted(offsets, start, side="right")) - 1
             last = int(np.searchsorted(offsets, stop, side="left"))
             pieces = [(videos[samples[i][0]], int(offsets[i])) for i in range(first, last)]
-            jobs.append((name, (zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype)))
+            jobs.append((name, (zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype,
+                                cfg.direct_io)))
     return jobs, layouts
 
 

@@ -5,7 +5,6 @@ import os
 import numpy as np
 
 from .errors import BadVideoError
-from .manifest import file_sha256
 from .source import STREAMS, load_video, read_ahead, scan_video
 from .tario import TarShardWriter, sample_digest
 from .zarrio import write_unit_range
@@ -25,10 +24,10 @@ def skip_record(class_name, video, path, problem):
     return {"class": class_name, "video": video, "path": path, "reason": problem}
 
 
-def tar_task(staging, shard, videos, dtype, on_error, write):
+def tar_task(staging, shard, videos, dtype, on_error, write, direct=True):
     """Load, validate and (if `write`) store one tar shard's videos; returns the task record."""
     samples, skipped, nbytes = [], [], 0
-    writer = TarShardWriter(os.path.join(staging, shard["name"])) if write else None
+    writer = TarShardWriter(os.path.join(staging, shard["name"]), direct) if write else None
     try:
         for (key, label, _), (v, raws) in zip(shard["videos"], read_ahead(videos)):
             try:
@@ -71,7 +70,7 @@ def _blocks(units, dim, dtype):
     return {s: b[:units] for s, b in _BLOCKS[key].items()}
 
 
-def zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
+def zarr_task(staging, store_rel, start, stop, pieces, dim, dtype, direct=True):
     """Fill units [start, stop) of every stream from the videos overlapping it, write, hash the files.
 
     The videos cover every unit of the range (offsets are contiguous), so the blocks need no zeroing.
@@ -84,10 +83,7 @@ def zarr_task(staging, store_rel, start, stop, pieces, dim, dtype):
         a, b = max(start, offset), min(stop, offset + t)
         for s in STREAMS:
             blocks[s][a - start:b - start] = arrays[s][a - offset:b - offset]
-    store = os.path.join(staging, store_rel)
-    written = write_unit_range(store, start, stop, blocks)
-    files = []
-    for rel in written:
-        full = os.path.join(store, rel)
-        files.append({"path": f"{store_rel}/{rel}", "bytes": os.path.getsize(full), "sha256": file_sha256(full)})
+    files = write_unit_range(os.path.join(staging, store_rel), start, stop, blocks, direct)
+    for f in files:
+        f["path"] = f"{store_rel}/{f['path']}"
     return {"files": files, "nbytes": sum(b.nbytes for b in blocks.values()), "count": len(pieces)}

@@ -3,10 +3,14 @@
 Streams are separate arrays, so a reader can take the LR streams of a video without touching HR bytes.
 """
 
+import asyncio
 import os
+
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
+from .directio import write_file_atomic
 from .source import STREAMS
 
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every shard file exists, so the file list is predictable
@@ -31,15 +35,32 @@ def shard_ranges(n_units: int, shard_units: int):
     return [(a, min(a + shard_units, n_units)) for a in range(0, n_units, shard_units)]
 
 
-def write_unit_range(path: str, start: int, stop: int, blocks: dict) -> list:
-    """Write whole shards [start, stop) of every stream; returns the relative paths of the files written."""
-    written = []
+class ShardFileStore(LocalStore):
+    """A LocalStore that writes each file with `write_file_atomic` (around the page cache, under a
+    temporary name) and records its size and sha256, so a build never reads its shard files back."""
+
+    def __init__(self, root, *, read_only: bool = False, direct: bool = True):
+        super().__init__(root, read_only=read_only)
+        self.direct, self.written = direct, {}
+
+    def with_read_only(self, read_only: bool = False):
+        return type(self)(self.root, read_only=read_only, direct=self.direct)
+
+    async def set(self, key: str, value) -> None:
+        self._check_writable()
+        path = os.path.join(self.root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.written[key] = await asyncio.to_thread(write_file_atomic, path, value.as_buffer_like(), self.direct)
+
+
+def write_unit_range(path: str, start: int, stop: int, blocks: dict, direct: bool = True) -> list:
+    """Write whole shards [start, stop) of every stream; returns [{path, bytes, sha256}] of the files
+    written, paths relative to the store."""
+    store = ShardFileStore(path, direct=direct)
     for stream in STREAMS:
-        arr = zarr.open_array(os.path.join(path, stream), mode="r+", config=_WRITE_CONFIG)
+        arr = zarr.open_array(store, path=stream, mode="r+", config=_WRITE_CONFIG)
         arr[start:stop] = blocks[stream]
-        index = start // arr.shards[0]
-        written.append(f"{stream}/c/{index}/0")
-    return written
+    return [{"path": key, **info} for key, info in sorted(store.written.items())]
 
 
 def store_files(path: str) -> list:

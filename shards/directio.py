@@ -1,0 +1,106 @@
+"""Write shard files around the page cache (O_DIRECT) where the filesystem allows it.
+
+A build writes each byte once and does not read it back. Through the page cache, every written page
+must first be allocated, then written back, then reclaimed; on the development VM that kernel work
+cost 9 to 15 s of CPU per 6.9 GB, against 0.3 to 0.5 s with O_DIRECT (BENCHMARKS.md). Bytes are copied
+into a page-aligned staging buffer (O_DIRECT needs aligned memory, offsets and lengths) and written
+in large blocks; the unaligned tail of a file is written after switching O_DIRECT off. Where the
+platform or filesystem refuses O_DIRECT (tmpfs, macOS, some network filesystems), the same code
+writes through the page cache.
+"""
+
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+
+ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
+BLOCK = 8 << 20  # staging buffer: one write per 8 MiB
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class DirectFile:
+    """A write-only file: `write(bytes-like)` any number of times, then `close()`; the sha256 and size
+    of everything written are kept. direct=False writes through the page cache."""
+
+    def __init__(self, path: str, direct: bool = True):
+        self.path, self.sha256, self.nbytes = path, hashlib.sha256(), 0
+        self.direct = bool(direct and O_DIRECT)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(path, flags | (O_DIRECT if self.direct else 0), 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, flags, 0o644), False  # the filesystem refuses O_DIRECT
+        self._buf = mmap.mmap(-1, BLOCK)  # anonymous maps are page-aligned
+        self._view, self._used = memoryview(self._buf), 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        self.sha256.update(data)
+        self.nbytes += len(data)
+        while len(data):
+            n = min(len(data), BLOCK - self._used)
+            self._view[self._used:self._used + n] = data[:n]
+            self._used += n
+            data = data[n:]
+            if self._used == BLOCK:
+                self._flush(BLOCK)
+
+    def _flush(self, n: int) -> None:
+        """Write the first n staged bytes (n is a multiple of ALIGN unless O_DIRECT is off)."""
+        done = 0
+        while done < n:
+            try:
+                done += os.write(self.fd, self._view[done:n])
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._direct_off()  # accepted at open, refused at write (some FUSE and network filesystems)
+        self._used = 0
+
+    def _direct_off(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~O_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        """Write what is staged (its unaligned tail through the page cache) and close."""
+        if self.fd < 0:
+            return
+        try:
+            tail = self._used % ALIGN if self.direct else 0
+            aligned = self._used - tail
+            if aligned:
+                self._flush(aligned)
+            if tail:
+                self._direct_off()
+                self._view[:tail] = self._view[aligned:aligned + tail]
+                self._flush(tail)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without writing what is staged (the caller deletes the file)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._view.release()
+        self._buf.close()
+
+
+def write_file_atomic(path: str, data, direct: bool = True) -> dict:
+    """Write `data` to `path` under a temporary name, then rename; returns its bytes and sha256."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    f = DirectFile(tmp, direct)
+    try:
+        f.write(data)
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.abandon()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"bytes": f.nbytes, "sha256": f.sha256.hexdigest()}
