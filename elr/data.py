@@ -97,10 +97,11 @@ def collate(samples, fields, stream: int, step: int) -> dict:
     shared-memory segment (plus one for lengths and labels) instead of one per tensor."""
     lengths = [s[fields[0]].shape[0] for s in samples]
     first = samples[0][fields[0]]
-    block = np.zeros((len(fields), len(samples), max(lengths), first.shape[1]), dtype=first.dtype)
+    block = np.empty((len(fields), len(samples), max(lengths), first.shape[1]), dtype=first.dtype)
     for j, f in enumerate(fields):
         for i, s in enumerate(samples):
             block[j, i, :lengths[i]] = s[f]
+            block[j, i, lengths[i]:] = 0  # only the padding is zeroed
     counts = torch.tensor([lengths, [s["meta"]["label"] for s in samples]])  # (2, B): lengths, labels
     batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
              "lengths": counts[0], "labels": counts[1]}

@@ -8,12 +8,7 @@ from contextlib import contextmanager
 import dask
 from tqdm import tqdm
 
-
-# dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=64 KiB, which also switches off glibc's
-# adaptive mmap threshold: every buffer over 128 KiB (each source file read, each block) became a fresh
-# mmap, paid for in page faults and page zeroing, about 40% of a build's system time. Local workers
-# keep freed memory for reuse instead (a task holds a few shards at most).
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 1 << 28, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+from .memory import MALLOC_ENV
 
 
 @contextmanager
@@ -31,7 +26,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
     n = workers or os.cpu_count() or 1
     # processes: tar writing and npy decoding hold the GIL, threads would not scale;
     # worker logs are silenced because a task's error reaches the caller as the exception itself
-    spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}
+    spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}  # see memory.py
     with dask.config.set(spawn_env), LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
     ) as cluster, Client(cluster) as client:

@@ -28,6 +28,7 @@ from elr.data import LR, TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader
 from elr.data import input_fields, iter_eval_batches, load_manifest, padding_fraction, phase_shards  # noqa: E402
 from elr.metrics import append_metrics, plot_curves, read_metrics  # noqa: E402
 from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, normalise_units  # noqa: E402
+from shards.memory import keep_freed_memory  # noqa: E402
 
 
 @dataclass
@@ -112,6 +113,7 @@ def evaluate(model, shards, rank, world, device, ctx, batch=64) -> tuple:
 
 def train(cfg: TrainConfig) -> dict:
     # ---- setup: rank, device, precision
+    keep_freed_memory()  # every step's batches reuse memory (and loader workers forked from here)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())

@@ -18,6 +18,7 @@ from elr.data import LR, collate, iter_eval_batches, load_manifest, phase_shards
 from elr.model import autocast, load_weights, normalise_units
 from shards.errors import ELRError
 from shards.manifest import file_sha256
+from shards.memory import keep_freed_memory
 from shards.zarrio import ZarrPhaseReader
 
 
@@ -67,6 +68,7 @@ def _batches(manifest, shards, split, phase, job, num_jobs, fmt, batch):
 def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: str, device: str = "auto",
             amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64) -> str:
     """Score job `job_index` of `num_jobs` and write its part; returns the part's path."""
+    keep_freed_memory()
     if not 0 <= job_index < num_jobs:
         raise EvalError(f"job index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
     manifest = load_manifest(shards)
