@@ -5,10 +5,9 @@ import os
 import sys
 from contextlib import contextmanager
 
-import dask
 from tqdm import tqdm
 
-from .memory import MALLOC_ENV
+from .memory import keep_freed_memory
 
 
 @contextmanager
@@ -26,11 +25,15 @@ def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
     n = workers or os.cpu_count() or 1
     # processes: tar writing and npy decoding hold the GIL, threads would not scale;
     # worker logs are silenced because a task's error reaches the caller as the exception itself
-    spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}  # see memory.py
-    with dask.config.set(spawn_env), LocalCluster(
+    with LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+def _in_worker(fn, *args):
+    keep_freed_memory()  # on any cluster: dask's nanny starts workers with malloc settings that undo it
+    return fn(*args)
 
 
 def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count=lambda r: 1, nbytes=lambda r: 0,
@@ -42,7 +45,7 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
     """
     from dask.distributed import as_completed
 
-    futures = [client.submit(fn, *args, pure=False) for fn, *args in calls]
+    futures = [client.submit(_in_worker, fn, *args, pure=False) for fn, *args in calls]
     index = {f.key: i for i, f in enumerate(futures)}
     results = [None] * len(futures)
     done_bytes = 0
