@@ -115,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench/_work")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=2, help="(d) and (b) alternate this many times; best of each")
+    ap.add_argument("--rounds", type=int, default=3, help="(d) and (b) alternate this many times; each step counts with its fastest round")
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per step (LR and HR count separately)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--workers", type=int, default=-1, help="loader worker processes; -1: as train/ddp.py (0 on CPU)")
@@ -175,42 +175,47 @@ def main():
     model = TwoStreamGRU(manifest["dim"], args.hidden, len(manifest["classes"])).to(device)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     # (d) runs the very steps (b) runs, from memory: batches differ in length, so any others would
-    # not be the same amount of compute. The two alternate for --rounds, best of each kept: this
-    # machine's speed drifts by 10-20% over minutes.
+    # not be the same amount of compute. This machine's speed drifts by 10-20% over minutes, so the
+    # two alternate for --rounds and each step counts with its fastest round, for (d) and (b) alike.
     in_memory = [normalised(b, False) for _, (_, b) in zip(range(n), our_loader())]
     train_step(model, opt, *in_memory[0], ctx)  # warm-up: allocator, kernels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def compute_bound():
-        sync()
-        t = time.perf_counter()
+        """Seconds of each step 1..n-1 on batches in memory."""
+        times = []
         for batch in in_memory[1:]:
+            sync()
+            t = time.perf_counter()
             train_step(model, opt, *batch, ctx)
-        sync()
-        return rate(args.batch_size * (n - 1), time.perf_counter() - t)
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
 
     def fed_by_loader():
-        waits, t = 0.0, time.perf_counter()
-        t_fetch = time.perf_counter()
-        for i, (_, batch) in zip(range(n), our_loader()):
-            if i == 1:  # the first step pays worker start-up; time from the second, as (d)
-                sync()
-                t, waits = time.perf_counter(), 0.0
-            elif i > 1:
-                waits += time.perf_counter() - t_fetch
+        """(seconds, of which waiting for the batch) of each step 1..n-1; step 0 pays worker start-up."""
+        times, it = [], iter(our_loader())
+        next(it)
+        for _ in range(n - 1):
+            sync()
+            t = time.perf_counter()
+            _, batch = next(it)
+            waited = time.perf_counter() - t
             train_step(model, opt, *normalised(batch, True), ctx)
-            t_fetch = time.perf_counter()
-        sync()
-        elapsed = time.perf_counter() - t
-        return rate(args.batch_size * (n - 1), elapsed), waits / elapsed
+            sync()
+            times.append((time.perf_counter() - t, waited))
+        return times
 
     d_runs, b_runs = [], []
     for _ in range(args.rounds):
         d_runs.append(compute_bound())
         b_runs.append(fed_by_loader())
     in_memory.clear()  # free the batches before (c)
-    rows["(d) model alone (compute bound)"] = max(d_runs)
-    rows["(b) training steps, shard loader"], wait_share = max(b_runs)
+    d_best = [min(step) for step in zip(*d_runs)]
+    b_best = [min(step) for step in zip(*b_runs)]  # (total, waited) of each step's fastest round
+    rows["(d) model alone (compute bound)"] = rate(args.batch_size * (n - 1), sum(d_best))
+    rows["(b) training steps, shard loader"] = rate(args.batch_size * (n - 1), sum(t for t, _ in b_best))
+    wait_share = sum(w for _, w in b_best) / sum(t for t, _ in b_best)
 
     t = time.perf_counter()
     for i, (rgb, flow, lengths, labels) in zip(range(n), seed_loader()):
