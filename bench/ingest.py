@@ -1,6 +1,6 @@
 """Benchmark build-shards and verify against `tar -cf` of the same tree, in one run.
 
-    python bench/ingest.py [--work bench/_work] [--videos-per-class 34] [--dim 4096]
+    python bench/ingest.py [--work bench/_work] [--videos-per-class 34] [--dim 4096] [--page-cache]
 
 Generates an HMDB51-sized tree (51 classes x 34 videos x 3 phases = 5202 videos) once, then times
 tar -cf (baseline), build-shards --format webdataset, --format both, and verify. Every run starts
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--videos-per-class", type=int, default=34)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--page-cache", action="store_true", help="build with --page-cache (no O_DIRECT), to compare")
     args = ap.parse_args()
 
     root = os.path.join(args.work, "HMDB51")
@@ -76,7 +77,7 @@ def main():
         for label, formats in (("build-shards --format webdataset", ("webdataset",)),
                                ("build-shards --format both", ("webdataset", "zarr"))):
             out = os.path.join(args.work, "shards")
-            cfg = BuildConfig(out=out, formats=formats, progress=False)
+            cfg = BuildConfig(out=out, formats=formats, progress=False, direct_io=not args.page_cache)
 
             t, _ = timed(lambda: build_shards(root, cfg, client=client), root,
                          setup=lambda: shutil.rmtree(out, ignore_errors=True))
