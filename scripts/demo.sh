@@ -16,7 +16,7 @@ elr-ingest verify "$DEMO/HMDB51-shards" --source "$DEMO/HMDB51"
 step "4/6 train the coupled two-stream GRU: 2 DDP processes (gloo on CPU, NCCL on GPUs)"
 # hidden 128 keeps the demo to a few minutes on 2 CPU cores; the seed's default is 512
 python train/ddp.py --nproc 2 --shards "$DEMO/HMDB51-shards" --out "$DEMO/run" \
-  --epochs 6 --test-every 3 --hidden 128 --batch-size 64 --workers 1
+  --epochs 6 --test-every 3 --hidden 128 --batch-size 64
 step "5/6 evaluate the checkpoint as 2 independent jobs (as a SLURM array would)"
 for job in 0 1; do
   elr-eval run --shards "$DEMO/HMDB51-shards" --checkpoint "$DEMO/run/last.pt" \

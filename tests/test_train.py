@@ -83,6 +83,15 @@ def test_refuses_to_clobber_a_run(train_shards, tmp_path):
     assert f"error: {tmp_path / 'r' / 'last.pt'} exists; pass --resume to continue that run" in result.stderr
 
 
+def test_bad_workers_value_is_refused_and_auto_picks_by_device(tmp_path):
+    result = subprocess.run([sys.executable, TRAIN, "--workers", "-2", "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert result.returncode == 2
+    assert "error: workers must be >= 0, or -1 for automatic, got -2" in result.stderr
+    from elr.data import auto_workers
+    assert (auto_workers("cpu"), auto_workers("cuda:0")) == (0, 2)
+
+
 def wait_for_step(out, at_least, proc, timeout=120):
     path, deadline = os.path.join(out, "last.pt"), time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
