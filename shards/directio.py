@@ -25,7 +25,7 @@ class DirectFile:
     of everything written are kept. direct=False writes through the page cache."""
 
     def __init__(self, path: str, direct: bool = True):
-        self.path, self.sha256, self.nbytes = path, hashlib.sha256(), 0
+        self.sha256, self.nbytes = hashlib.sha256(), 0
         self.direct = bool(direct and O_DIRECT)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:

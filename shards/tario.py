@@ -38,17 +38,14 @@ class TarShardWriter:
         self._file = DirectFile(self.tmp, direct)  # hashes and counts what it writes
         self.n_samples = 0
 
-    def _write(self, data) -> None:
-        self._file.write(data)
-
     def _member(self, name: str, parts: list) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = sum(len(p) for p in parts), 0, 0o444, "", ""
-        self._write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
+        self._file.write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
         for part in parts:
-            self._write(part)
+            self._file.write(part)
         if info.size % tarfile.BLOCKSIZE:
-            self._write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+            self._file.write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
 
     def write(self, key: str, arrays: dict, meta: dict) -> None:
         members = {f"{stream}.npy": npy_parts(arrays[stream]) for stream in STREAMS}
@@ -58,9 +55,9 @@ class TarShardWriter:
         self.n_samples += 1
 
     def close(self) -> dict:
-        self._write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive marker
         if self._file.nbytes % tarfile.RECORDSIZE:  # pad to a whole record, as tar and tarfile do
-            self._write(bytes(tarfile.RECORDSIZE - self._file.nbytes % tarfile.RECORDSIZE))
+            self._file.write(bytes(tarfile.RECORDSIZE - self._file.nbytes % tarfile.RECORDSIZE))
         self._file.close()
         os.replace(self.tmp, self.path)
         return {"bytes": self._file.nbytes, "sha256": self._file.sha256.hexdigest(), "samples": self.n_samples}
