@@ -6,8 +6,9 @@ from shards.errors import ELRError
 
 
 def call(fn, *args, **kwargs):
-    """Call a library function; domain errors and bad values become one `Error:` line, exit 1."""
+    """Call a library function; domain errors, bad values and file system errors (a full disk, a
+    path that is not a folder: their message names the file) become one `Error:` line, exit 1."""
     try:
         return fn(*args, **kwargs)
-    except (ELRError, ValueError) as e:
+    except (ELRError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None

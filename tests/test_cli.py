@@ -47,6 +47,14 @@ def test_errors_are_one_line_exit_1(built, tmp_path):
     assert result.exit_code == 1 and "invalid literal" in result.output
 
 
+def test_file_system_errors_are_one_line_naming_the_path(demo_master, tmp_path, dask_client):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "shards"
+    result = run("build-shards", demo_master, "--out", out, "--scheduler", dask_client.scheduler.address, "-q")
+    assert result.exit_code == 1
+    assert result.output == f"Error: [Errno 20] Not a directory: '{out}.building'\n"
+
+
 def test_verify_exit_code_and_problem_lines(built, dask_client):
     m = read_manifest(str(built))
     shard = m["splits"]["Split1"]["Test"]["webdataset"]["shards"][2]
