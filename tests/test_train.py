@@ -92,6 +92,15 @@ def test_bad_workers_value_is_refused_and_auto_picks_by_device(tmp_path):
     assert (auto_workers("cpu"), auto_workers("cuda:0")) == (0, 2)
 
 
+def test_every_option_has_help():
+    from dataclasses import fields
+
+    from train.ddp import TrainConfig, field_help
+    assert set(field_help()) == {f.name for f in fields(TrainConfig)}
+    text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=REPO, env=ENV).stdout
+    assert "DataLoader worker processes per rank; -1: 2 on CUDA, 0" in text and "(default: lr+hr)" in text
+
+
 def wait_for_step(out, at_least, proc, timeout=120):
     path, deadline = os.path.join(out, "last.pt"), time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

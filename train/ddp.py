@@ -9,8 +9,10 @@ and Validation (every video as an LR and an HR sequence through the same weights
 """
 
 import argparse
+import inspect
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -34,9 +36,9 @@ from shards.memory import keep_freed_memory  # noqa: E402
 @dataclass
 class TrainConfig:
     shards: str = "data/HMDB51-shards"  # shard set: a folder or an http(s) URL
-    split: str = "Split1"
+    split: str = "Split1"  # which Split* of the shard set
     out: str = "runs/elr"  # checkpoints, metrics.jsonl, curves.png
-    epochs: int = 50
+    epochs: int = 50  # as the seed
     batch_size: int = 256  # global sequences per step; with lr+hr each video gives two
     lr: float = 1e-3  # RMSprop, as the seed
     hidden: int = 512  # GRU hidden size, as the seed
@@ -45,14 +47,14 @@ class TrainConfig:
     test_every: int = 5  # test on Test LR every N epochs, and after the last
     data_streams: int = 8  # virtual data streams; a multiple of the number of processes
     shuffle_buffer: int = 256  # videos per length-bucketing shuffle window
-    workers: int = -1  # DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (see StepLoader)
+    workers: int = -1  # DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (the cores compute there)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     max_steps: int = 0  # stop after N steps in all (0: no limit); for smoke tests and benchmarks
-    seed: int = 0
+    seed: int = 0  # initial weights and the data order of every epoch
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False  # continue from <out>/last.pt
     export_seed: bool = False  # also write the seed's state_dict-epoch-N.pth at test epochs
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0
     nproc: int = 1  # start this many local workers (when not already launched by torchrun with more)
     max_restarts: int = 0  # with --nproc: restart failed workers from the last checkpoint
 
@@ -73,16 +75,24 @@ class TrainConfig:
         return self.batch_size // len(TRAIN_INPUTS[self.train_on]["rgb"]) // self.data_streams
 
 
+def field_help() -> dict:
+    """Each TrainConfig field's trailing comment: the config and --help share one text."""
+    return dict(re.findall(r"^ +(\w+): \w+ = .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
+
+
 def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
     for f in fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")]
         if f.name == "nproc":  # torchrun's own parser rejects `--nproc` (an abbreviation of its --nproc-per-node)
             flags.append("--nprocs")  # but passes `--nprocs`, and `-- --nproc N`
+        text = f"{helps.get(f.name, '')} (default: %(default)s)".strip()
         if f.type is bool or isinstance(f.default, bool):
-            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=helps.get(f.name))
         else:
-            ap.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default)
+            ap.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=text)
     try:
         return TrainConfig(**vars(ap.parse_args(argv)))
     except ValueError as e:
