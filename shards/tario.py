@@ -28,9 +28,9 @@ class TarShardWriter:
 
     Members are written directly: the stdlib builds each 512-byte USTAR header (`TarInfo.tobuf`), and
     array bytes go from the array's own buffer to the hash and a DirectFile (tarfile's stream layer
-    copied every byte several times; the page cache cost more than all the rest, see directio). Fixed metadata (mtime 0, mode 0444, no
-    owner names) and a fixed member order make the bytes a function of the samples alone. The result
-    is a plain tar that `tar`, tarfile and webdataset read.
+    copied every byte several times; the page cache cost more than all the rest, see directio).
+    Fixed metadata (mtime 0, mode 0444, no owner names) and a fixed member order make the bytes a
+    function of the samples alone. The result is a plain tar that `tar`, tarfile and webdataset read.
     """
 
     def __init__(self, path: str, direct: bool = True):
