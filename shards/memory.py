@@ -3,7 +3,7 @@
 glibc serves buffers over 128 KiB (up to 32 MiB as it adapts) with fresh mmaps, and fresh memory costs
 a page fault and kernel zeroing per page on first touch. Loaders and shard writers allocate such buffers
 for every file, batch and block: a training step's batches (about 84 MiB each) were zeroed by the kernel
-every step, and the shard loader ran 2 to 3x faster once memory was reused (BENCHMARKS.md). dask's nanny
+every step, and the shard loader ran about 2x faster once memory was reused (BENCHMARKS.md). dask's nanny
 makes it worse: it starts workers with MALLOC_TRIM_THRESHOLD_=64 KiB, which also switches glibc's
 adaptive threshold off, so every buffer over 128 KiB became a fresh mmap. Memory held this way is
 bounded by the largest working set, a few batches or shards.
