@@ -33,29 +33,28 @@ def parse_npy_header(fp):
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_header(head: bytes):
-    """parse_npy_header of a complete header; shard members repeat a few headers, and numpy's parser
-    compiles every one with ast.literal_eval."""
-    return parse_npy_header(io.BytesIO(head))
+def _cached_layout(head: bytes):
+    """(shape, order, dtype, data offset, data bytes) of a complete header. Shard members repeat a
+    few headers, and numpy's parser compiles every one with ast.literal_eval."""
+    shape, fortran, dtype, offset = parse_npy_header(io.BytesIO(head))
+    return shape, "F" if fortran else "C", dtype, offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 def npy_from_bytes(raw) -> np.ndarray:
     """Decode `.npy` bytes (or a memoryview) into an array viewing `raw` (no copy, no pickle)."""
-    if bytes(raw[:8]) == b"\x93NUMPY\x01\x00":  # format 1.0: the header length is in bytes 8-9
-        head = bytes(raw[:10 + int.from_bytes(raw[8:10], "little")])
-        shape, fortran, dtype, offset = _cached_header(head)
+    if raw[:8] == b"\x93NUMPY\x01\x00":  # format 1.0: the header length is in bytes 8-9
+        shape, order, dtype, offset, expected = _cached_layout(bytes(raw[:10 + int.from_bytes(raw[8:10], "little")]))
     else:
         fp = io.BytesIO(raw[:1 << 16])  # the header is at most 64 KiB (format 2.0); the data is not copied
         shape, fortran, dtype, offset = parse_npy_header(fp)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        order, expected = "F" if fortran else "C", int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     found = len(raw) - offset
     if found < expected:
         raise NpyFormatError(f"truncated: header promises {expected} data bytes, found {found}")
     if found > expected:
         raise NpyFormatError(f"{found - expected} unexpected trailing bytes after the array data")
-    count = expected // dtype.itemsize if dtype.itemsize else 0
-    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
-    return arr.reshape(shape, order="F" if fortran else "C")
+    arr = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize if dtype.itemsize else 0, offset=offset)
+    return arr.reshape(shape, order=order)
 
 
 def npy_parts(arr: np.ndarray) -> list:

@@ -103,17 +103,19 @@ def _parse_header(header: bytes, name: str, offset: int):
         raise ShardCorruptError(f"{name}: truncated or not a tar file (bad header at byte {offset}: {e})") from None
 
 
-def iter_mapped_members(path: str, name: str | None = None):
-    """Yield (member name, memoryview) of the regular files of a local tar, parsed from an mmap.
-
-    Members are zero-copy views of the page cache; tarfile's stream mode copied every byte in 10 KB
-    pieces. Nothing is extracted to disk. The map lives as long as a view of it does."""
+def _map(path: str, name: str):
+    """(read-only memoryview of a local tar, its identity (inode, size, mtime)) from one open file."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
             raise ShardCorruptError(f"{name}: truncated or not a tar file (empty)")
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    offset = 0
+    return view, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _member_spans(view: memoryview, name: str):
+    """Yield (member name, data start, data length) of the regular files of a mapped tar."""
+    size, offset = len(view), 0
     while offset + tarfile.BLOCKSIZE <= size:
         header = bytes(view[offset:offset + tarfile.BLOCKSIZE])
         if not any(header):
@@ -125,9 +127,57 @@ def iter_mapped_members(path: str, name: str | None = None):
         if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
             raise ShardCorruptError(f"{name}: unsupported extended tar header for {member!r}")
         if kind in tarfile.REGULAR_TYPES:
-            yield member, view[start:start + length]
+            yield member, start, length
         offset = start + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     raise ShardCorruptError(f"{name}: truncated or not a tar file (no end-of-archive marker)")
+
+
+def iter_mapped_members(path: str, name: str | None = None):
+    """Yield (member name, memoryview) of the regular files of a local tar, parsed from an mmap.
+
+    Members are zero-copy views of the page cache; tarfile's stream mode copied every byte in 10 KB
+    pieces. Nothing is extracted to disk. The map lives as long as a view of it does."""
+    name = name or path
+    view, _ = _map(path, name)
+    for member, start, length in _member_spans(view, name):
+        yield member, view[start:start + length]
+
+
+_MAPPED: dict = {}  # path -> (identity, view, sample table); see mapped_samples
+_MAPPED_KEPT = 1024  # shards kept mapped per process (a table costs ~100 bytes per member)
+
+
+def _mapped_shard(path: str, name: str) -> tuple:
+    """(view, sample table) of a local tar, mapped and parsed once per process and file version.
+
+    The table is ({"__key__": key, field: (start, length)}, ...). A shard rewritten since (another
+    inode, size or mtime) is mapped and parsed again."""
+    st = os.stat(path)
+    kept = _MAPPED.get(path)
+    if kept is None or kept[0] != (st.st_ino, st.st_size, st.st_mtime_ns):
+        view, identity = _map(path, name)
+        spans = ((member, (start, length)) for member, start, length in _member_spans(view, name))
+        kept = (identity, view, tuple(group_samples(spans, name)))
+        _MAPPED.pop(path, None)
+        if len(_MAPPED) >= _MAPPED_KEPT:
+            del _MAPPED[next(iter(_MAPPED))]  # the oldest
+        _MAPPED[path] = kept
+    return kept[1], kept[2]
+
+
+def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int | None = None):
+    """Raw samples skip..skip+take of a local tar, their fields zero-copy views of one mmap.
+
+    A shard's tar headers are parsed on its first read in this process, and its map is kept: streams
+    that start mid-shard skip samples without reading them, and later epochs parse and map nothing
+    (the page tables stay filled)."""
+    view, table = _mapped_shard(path, name or path)
+    for entry in table[skip:None if take is None else skip + take]:
+        sample = {"__key__": entry["__key__"]}
+        for field, span in entry.items():
+            if field != "__key__":
+                sample[field] = view[span[0]:span[0] + span[1]]
+        yield sample
 
 
 def iter_members(stream, name: str):
@@ -177,14 +227,19 @@ def decode_sample(raw: dict, name: str, fields=tuple(STREAMS)) -> dict:
     return sample
 
 
-def iter_raw_samples(url: str):
-    """Raw (undecoded) samples of one shard, in stored order: mapped for local files, streamed for URLs."""
+def iter_raw_samples(url: str, skip: int = 0, take: int | None = None):
+    """Raw (undecoded) samples skip..skip+take of one shard, in stored order: mapped for local files,
+    streamed for URLs (where skipped samples are read, not decoded)."""
     if url.startswith(("http://", "https://")):
         with open_url(url) as stream:
-            yield from group_samples(iter_members(stream, url), url)
+            for i, raw in enumerate(group_samples(iter_members(stream, url), url)):
+                if take is not None and i >= skip + take:
+                    break
+                if i >= skip:
+                    yield raw
     else:
         path = url[len("file://"):] if url.startswith("file://") else url
-        yield from group_samples(iter_mapped_members(path), url)
+        yield from mapped_samples(path, url, skip, take)
 
 
 def iter_tar_samples(url: str, fields=tuple(STREAMS)):

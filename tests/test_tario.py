@@ -1,12 +1,13 @@
 """The mapped tar reader: same members as tarfile for USTAR, GNU and v7 archives; damaged headers named."""
 
 import io
+import os
 import tarfile
 
 import pytest
 
 from shards.errors import ShardCorruptError
-from shards.tario import iter_mapped_members
+from shards.tario import iter_mapped_members, mapped_samples
 
 MEMBERS = {
     "k000.json": b'{"label": 1}',
@@ -59,3 +60,18 @@ def test_bad_checksum_is_named(tmp_path):
     with pytest.raises(ShardCorruptError) as e:
         list(iter_mapped_members(path, "b.tar"))
     assert str(e.value) == "b.tar: truncated or not a tar file (bad header at byte 1024: bad checksum)"
+
+
+def test_mapped_samples_skip_take_and_a_rewritten_shard_is_read_again(tmp_path):
+    members = {f"k{i:03d}.{f}": f"{i}{f}".encode() for i in range(5) for f in ("json", "lr_rgb.npy")}
+    path = write_tar(str(tmp_path / "c.tar"), tarfile.USTAR_FORMAT, members)
+    as_bytes = lambda samples: [{k: v if k == "__key__" else bytes(v) for k, v in s.items()} for s in samples]  # noqa: E731
+    every = as_bytes(mapped_samples(path, "c.tar"))
+    assert [s["__key__"] for s in every] == [f"k{i:03d}" for i in range(5)]
+    assert every[3] == {"__key__": "k003", "json": b"3json", "lr_rgb.npy": b"3lr_rgb.npy"}
+    assert as_bytes(mapped_samples(path, "c.tar", skip=1, take=2)) == every[1:3]
+    assert as_bytes(mapped_samples(path, "c.tar", skip=4)) == every[4:]
+    # the writer replaces shards by rename: a new file at the same path is parsed again, not served from the table
+    rewritten = write_tar(str(tmp_path / "d.tar"), tarfile.USTAR_FORMAT, {"z.json": b"{}"})
+    os.replace(rewritten, path)
+    assert as_bytes(mapped_samples(path, "c.tar")) == [{"__key__": "z", "json": b"{}"}]
