@@ -14,6 +14,7 @@ import json
 import math
 import random
 import urllib.request
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,30 +82,31 @@ class StreamPlan:
 
 
 def iter_pieces(pieces, fields):
-    """Decoded samples of [(url, skip, take)]; skipped samples are read but not decoded."""
+    """Decoded samples of [(url, skip, take)]."""
     for url, skip, take in pieces:
-        for i, raw in enumerate(iter_raw_samples(url)):
-            if i >= skip + take:
-                break
-            if i >= skip:
-                yield decode_sample(raw, url, fields)
+        for raw in iter_raw_samples(url, skip, take):
+            yield decode_sample(raw, url, fields)
 
 
-def collate(samples, fields, stream: int, step: int) -> dict:
-    """Pad a micro-batch: one (B, T, D) tensor per field in the storage dtype, plus lengths and labels.
+def collate(samples, fields, stream: int, step: int, concat: bool = True) -> dict:
+    """A micro-batch: lengths, labels and keys, and per field the videos' (units, D) sequences end to end.
 
-    The fields are views of one block, so a batch crosses from a DataLoader worker as one
-    shared-memory segment (plus one for lengths and labels) instead of one per tensor."""
+    Nothing is padded: the step's GRUs read packed sequences (elr.model.pack_units), so padding would
+    only be copied, moved to the device and skipped. concat=True (in a DataLoader worker): each field
+    is one (total units, D) tensor, and all are views of one block, so the micro-batch crosses to the
+    training process as one shared-memory segment. concat=False (in-process): each field is the list
+    of the samples' own arrays, views of the shard maps; the step assembly copies them, once."""
     lengths = [s[fields[0]].shape[0] for s in samples]
-    first = samples[0][fields[0]]
-    block = np.empty((len(fields), len(samples), max(lengths), first.shape[1]), dtype=first.dtype)
-    for j, f in enumerate(fields):
-        for i, s in enumerate(samples):
-            block[j, i, :lengths[i]] = s[f]
-            block[j, i, lengths[i]:] = 0  # only the padding is zeroed
     counts = torch.tensor([lengths, [s["meta"]["label"] for s in samples]])  # (2, B): lengths, labels
     batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
              "lengths": counts[0], "labels": counts[1]}
+    if not concat:
+        batch.update({f: [s[f] for s in samples] for f in fields})
+        return batch
+    first = samples[0][fields[0]]
+    block = np.empty((len(fields), sum(lengths), first.shape[1]), dtype=first.dtype)
+    for j, f in enumerate(fields):
+        np.concatenate([s[f] for s in samples], out=block[j])
     tensors = torch.from_numpy(block)
     batch.update({f: tensors[j] for j, f in enumerate(fields)})
     return batch
@@ -165,8 +167,8 @@ class ShardStream(IterableDataset):
         for step in range(self.plan.steps_per_epoch):
             for v, gen in zip(mine, gens):
                 samples = next(gen)
-                if step >= self.start_step:
-                    yield collate(samples, self.fields, v, step)
+                if step >= self.start_step:  # in a worker, the micro-batch is copied for the hand-off
+                    yield collate(samples, self.fields, v, step, concat=info is not None)
 
 
 def worker_count(streams_per_rank: int, wanted: int) -> int:
@@ -179,6 +181,11 @@ def auto_workers(device) -> int:
     return 2 if torch.device(device).type == "cuda" else 0
 
 
+def _as_is(micro_batch):
+    """DataLoader's item hook: keep in-process micro-batches' arrays as they are (no tensor conversion)."""
+    return micro_batch
+
+
 class StepLoader:
     """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step.
 
@@ -189,8 +196,9 @@ class StepLoader:
     def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False):
         self.dataset = dataset
         self.num_workers = worker_count(len(dataset.streams), num_workers)
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        self.loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                                 pin_memory=pin_memory, persistent_workers=False,
+                                 prefetch_factor=4 if self.num_workers else None)
 
     def __len__(self):
         return self.dataset.plan.steps_per_epoch - self.dataset.start_step
@@ -205,10 +213,12 @@ class StepLoader:
                 group = []
 
 
-def padding_fraction(micro_batches, field) -> float:
-    """Share of transferred units that are padding."""
+def padding_fraction(micro_batches) -> float:
+    """Share of a padded layout of the micro-batches (each to its longest video) that would be padding.
+
+    It measures how well bucketing matches lengths; nothing is padded here (see collate)."""
     real = sum(int(mb["lengths"].sum()) for mb in micro_batches)
-    total = sum(mb[field].shape[0] * mb[field].shape[1] for mb in micro_batches)
+    total = sum(len(mb["lengths"]) * int(mb["lengths"].max()) for mb in micro_batches)
     return 1.0 - real / total
 
 
@@ -227,29 +237,42 @@ def input_fields(inputs: dict) -> tuple:
     return tuple(f for group in zip(*inputs.values()) for f in group)
 
 
-def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> dict:
-    """Join a step's micro-batches into one padded (N, T, D) tensor per model input, on `device`.
+def _sequences(micro_batch: dict, field: str) -> list:
+    """A micro-batch field as tensors: its one block (from a worker), or its samples' arrays (in-process)."""
+    x = micro_batch[field]
+    if isinstance(x, torch.Tensor):
+        return [x]
+    with warnings.catch_warnings():  # the arrays view read-only shard maps; torch only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.from_numpy(a) for a in x]
 
-    `inputs` maps each input to the fields it stacks along the batch (see TRAIN_INPUTS); lengths and
-    labels are repeated to match. Each input is allocated once and every micro-batch copied into its
-    slice: no pad-then-cat, no later cat of LR and HR."""
-    t_max = max(mb["lengths"].max().item() for mb in micro_batches)
+
+def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> dict:
+    """Join a step's micro-batches into one (total units, D) tensor per model input, on `device`.
+
+    `inputs` maps each input to the fields it stacks (see TRAIN_INPUTS): its sequences go end to end,
+    field after field, in one torch.cat into a tensor allocated once (pinned on CUDA, then one copy to
+    the GPU); lengths and labels are repeated to match. pack_units turns the result into the GRUs' input."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     lengths = torch.cat([mb["lengths"] for mb in micro_batches])
     labels = torch.cat([mb["labels"] for mb in micro_batches])
-    n, copies = len(lengths), len(next(iter(inputs.values())))
+    copies = len(next(iter(inputs.values())))
     out = {"lengths": lengths.repeat(copies),
            "labels": labels.repeat(copies).to(device, non_blocking=non_blocking)}
+    units = copies * int(lengths.sum())
     for name, fields in inputs.items():
-        first = micro_batches[0][fields[0]]
-        dest = torch.empty((copies * n, t_max, first.shape[2]), dtype=first.dtype, device=device)
-        row = 0
-        for f in fields:
-            for mb in micro_batches:
-                x = mb[f]
-                dest[row:row + x.shape[0], :x.shape[1]].copy_(x, non_blocking=non_blocking)
-                dest[row:row + x.shape[0], x.shape[1]:].zero_()  # only the padding is zeroed
-                row += x.shape[0]
-        out[name] = dest
+        parts = [t for f in fields for mb in micro_batches for t in _sequences(mb, f)]
+        shape, dtype = (units, parts[0].shape[1]), parts[0].dtype
+        if cuda and all(t.is_pinned() for t in parts):  # blocks from workers, pinned by the DataLoader
+            out[name], row = torch.empty(shape, dtype=dtype, device=device), 0
+            for t in parts:
+                out[name][row:row + len(t)].copy_(t, non_blocking=non_blocking)
+                row += len(t)
+        else:
+            host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+            torch.cat(parts, out=host)
+            out[name] = host.to(device, non_blocking=non_blocking) if cuda else host
     return out
 
 

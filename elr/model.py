@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp choices -> autocast dtype
@@ -26,6 +26,26 @@ def normalise_units(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return x.div_(norm) if inplace else x / norm
 
 
+def pack_units(lengths, *units: torch.Tensor) -> list:
+    """PackedSequences of sequences stored end to end: each of `units` is (sum(lengths), D).
+
+    The sequences are ordered longest first (ties keep their order) by one gather on the units'
+    device; sorted_indices let the GRU give its final states back in the input order. All inputs
+    share the lengths, so the index is built once (what pack_padded_sequence does, without padding)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    sorted_lengths = lengths[order]
+    steps = torch.arange(int(sorted_lengths[0]))[:, None]  # (T, 1)
+    alive = sorted_lengths[None, :] > steps  # (T, N): sequence n has a unit at step t
+    starts = (torch.cumsum(lengths, 0) - lengths)[order]
+    index = (starts[None, :] + steps)[alive]  # time-major, longest first: the packed layout
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    device = units[0].device
+    index, order, inverse = index.to(device), order.to(device), inverse.to(device)
+    return [PackedSequence(x.index_select(0, index), alive.sum(1), order, inverse) for x in units]
+
+
 class TwoStreamGRU(nn.Module):
     """rnn1 reads the RGB stream, rnn2 the flow stream; the final hidden states of both directions
     of both streams are summed and classified. Attribute names match the seed's checkpoints."""
@@ -36,11 +56,15 @@ class TwoStreamGRU(nn.Module):
         self.rnn2 = nn.GRU(input_size, hidden_size, num_layers=1, batch_first=True, bidirectional=True)
         self.classifier = nn.Linear(hidden_size, num_classes)
 
-    def forward(self, rgb: torch.Tensor, flow: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # rgb, flow: (B, T, D) normalised units, zero-padded past `lengths` (B,) -> logits (B, classes)
-        lengths = lengths.cpu()
-        _, h_rgb = self.rnn1(pack_padded_sequence(rgb, lengths, batch_first=True, enforce_sorted=False))
-        _, h_flow = self.rnn2(pack_padded_sequence(flow, lengths, batch_first=True, enforce_sorted=False))
+    def forward(self, rgb, flow, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """rgb, flow: PackedSequences (pack_units), or (B, T, D) zero-padded past `lengths` (B,) as the
+        seed feeds them; units L2-normalised. -> logits (B, classes), in the input order."""
+        if not isinstance(rgb, PackedSequence):
+            lengths = lengths.cpu()
+            rgb = pack_padded_sequence(rgb, lengths, batch_first=True, enforce_sorted=False)
+            flow = pack_padded_sequence(flow, lengths, batch_first=True, enforce_sorted=False)
+        _, h_rgb = self.rnn1(rgb)
+        _, h_flow = self.rnn2(flow)
         hidden = h_rgb.sum(0) + h_flow.sum(0)  # (2, B, H) each -> (B, H): both directions, both streams
         # the classifier and everything after it run in float32 (the loss needs it under fp16/bf16)
         return F.linear(hidden.float(), self.classifier.weight.float(), self.classifier.bias.float())

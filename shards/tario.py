@@ -165,6 +165,12 @@ def _mapped_shard(path: str, name: str) -> tuple:
     return kept[1], kept[2]
 
 
+def forget_mapped_shards() -> None:
+    """Drop the kept maps and tables: the next read maps and parses again, and pages no map holds can
+    leave the page cache (a benchmark calls this before timing a cold read)."""
+    _MAPPED.clear()
+
+
 def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int | None = None):
     """Raw samples skip..skip+take of a local tar, their fields zero-copy views of one mmap.
 

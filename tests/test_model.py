@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from elr.model import TwoStreamGRU, export_seed_state_dict, load_weights, normalise_units
+from elr.model import TwoStreamGRU, export_seed_state_dict, load_weights, normalise_units, pack_units
 
 
 class SeedRNN(nn.Module):
@@ -60,6 +60,30 @@ def test_export_to_seed_format_round_trips(tmp_path):
     rgb, flow, lengths = batch()
     with torch.no_grad():
         torch.testing.assert_close(ours(rgb, flow, lengths), seed_logits(seed, rgb, flow, lengths), rtol=1e-6, atol=1e-6)
+
+
+def end_to_end(padded, lengths):
+    """The units of a padded batch, sequence after sequence (the loaders' layout)."""
+    return torch.cat([x[:n] for x, n in zip(padded, lengths)])
+
+
+def test_pack_units_is_pack_padded_sequence_without_the_padding():
+    rgb, flow, lengths = batch(lengths=(5, 2, 7, 3))  # distinct lengths: one longest-first order
+    ours = pack_units(lengths, end_to_end(rgb, lengths), end_to_end(flow, lengths))
+    for packed, padded in zip(ours, (rgb, flow)):
+        theirs = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        assert torch.equal(packed.data, theirs.data) and torch.equal(packed.batch_sizes, theirs.batch_sizes)
+        assert packed.sorted_indices.tolist() == [2, 0, 3, 1] and packed.unsorted_indices.tolist() == [1, 3, 0, 2]
+
+
+def test_packed_inputs_give_the_padded_logits_in_input_order():
+    """Ties in length keep their order; the logits come back in the order the sequences went in."""
+    torch.manual_seed(3)
+    model = TwoStreamGRU(24, 16, 7).eval()
+    rgb, flow, lengths = batch(lengths=(5, 2, 7, 3, 5, 2))
+    with torch.no_grad():
+        packed = model(*pack_units(lengths, end_to_end(rgb, lengths), end_to_end(flow, lengths)))
+        torch.testing.assert_close(packed, model(rgb, flow, lengths), rtol=1e-6, atol=1e-6)
 
 
 def test_normalise_units_is_per_unit_l2_and_keeps_padding_zero():
