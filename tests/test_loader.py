@@ -6,6 +6,7 @@ import threading
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 
 from elr.data import LR, TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, input_fields, load_manifest, merge_to_device
@@ -139,3 +140,28 @@ def test_streaming_from_http_equals_local(built, http_root):
         for x, y in zip(ga, gb):
             assert x["keys"] == y["keys"]
             np.testing.assert_array_equal(np.concatenate(x["lr_flow"]), y["lr_flow"].numpy())  # samples / block
+
+
+def test_float16_shards_stay_float16_until_normalised_in_float32(tmp_path):
+    """Float16 storage halves what the loader copies and moves; the units are normalised in float32."""
+    from elr.model import normalise_units
+
+    rng, path, source = np.random.default_rng(1), str(tmp_path / "half.tar"), {}
+    with TarShardWriter(path) as w:
+        for i in range(5):
+            t = int(rng.integers(1, 6))
+            source[f"h{i}"] = {s: (rng.random((t, 4)) * 60).astype(np.float16) for s in STREAMS}
+            w.write(f"h{i}", source[f"h{i}"], {"label": i % 2, "units": t})
+        w.close()
+    inputs = TRAIN_INPUTS["lr+hr"]
+    ds = ShardStream(StreamPlan([(path, 5)], n_streams=1, micro_batch=5), 0, 1, input_fields(inputs), 0)
+    group = next(iter(StepLoader(ds, 0)))
+    batch = merge_to_device(group, inputs, "cpu")
+    keys = group[0]["keys"]
+    expected = np.concatenate([source[k]["lr_rgb"] for k in keys] + [source[k]["hr_rgb"] for k in keys])
+    assert batch["rgb"].dtype == torch.float16
+    np.testing.assert_array_equal(batch["rgb"].numpy(), expected)
+    normalised = normalise_units(batch["rgb"], inplace=True)
+    wide = expected.astype(np.float32)
+    assert normalised.dtype == torch.float32
+    np.testing.assert_allclose(normalised.numpy(), wide / np.linalg.norm(wide, axis=1, keepdims=True), rtol=1e-6)
