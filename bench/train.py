@@ -8,6 +8,7 @@ On one HMDB51-sized tree (bench/ingest.py makes it) and its tar shards, measures
       video (HMDB51DataLayer), and training steps with it
   (d) the model alone on batches already in memory (the compute bound)
   (e) one memory copy of every sequence's bytes: the ceiling of any loader that hands out new tensors
+and, for what storage buys, (a) on the same videos stored as float16 (build-shards --dtype float16).
 Loaders are timed over full epochs of Train: two in a row from a warm page cache (all files read
 first: the loaders' own cost; the first epoch of a process also pays for parsing the tar headers
 and growing the heap, later ones do not), and one from a cold cache (caches dropped: what a first
@@ -105,9 +106,10 @@ def copy_ceiling(bytes_per_sequence: int) -> float:
     return 8 * src.nbytes / (time.perf_counter() - t) / bytes_per_sequence
 
 
-def epoch_rate(loader_factory, sequences_per_item, prepare, epoch=0):
-    """Sequences/s of one full pass of a loader, after `prepare()` set the cache state."""
-    prepare()
+def epoch_rate(loader_factory, sequences_per_item, prepare=None, epoch=0):
+    """Sequences/s of one full pass of a loader, after `prepare()` (if any) set the cache state."""
+    if prepare:
+        prepare()
     t, n = time.perf_counter(), 0
     for item in loader_factory(epoch):
         n += sequences_per_item(item)
@@ -141,12 +143,20 @@ def main():
         make_demo(root, DemoConfig(videos_per_class=34))
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
+    half = shards + "-float16"  # the same videos stored as float16 (build-shards --dtype float16)
+    if not os.path.exists(os.path.join(half, "manifest.json")):
+        build_shards(root, BuildConfig(out=half, formats=("webdataset",), dtype="float16", progress=False))
     manifest = load_manifest(shards)
     streams = 8
-    plan = StreamPlan(phase_shards(manifest, shards, "Split1", ("Train",)), streams, args.batch_size // 2 // streams)
+
+    def train_plan(folder):
+        return StreamPlan(phase_shards(load_manifest(folder), folder, "Split1", ("Train",)), streams,
+                          args.batch_size // 2 // streams)
+
+    plan, half_plan = train_plan(shards), train_plan(half)
     n = args.steps
 
-    def our_loader(epoch=0):
+    def our_loader(epoch=0, plan=plan):
         ds = ShardStream(plan, 0, 1, FIELDS, seed=0)
         ds.set_position(epoch)
         return DevicePrefetcher(StepLoader(ds, workers, pin_memory=device.type == "cuda"), INPUTS, device)
@@ -169,9 +179,13 @@ def main():
     # Each loader's two epochs run back to back: the seed's DataLoader forks worker processes, and
     # after a fork every page of the parent's heap faults on its next write (copy-on-write).
     for epoch in (1, 2):
-        rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(our_loader, ours_per_item, lambda: None, epoch)
+        rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(our_loader, ours_per_item, epoch=epoch)
+    warm(half)
+    for epoch in (1, 2):  # half the bytes to copy; epoch 1 only warms this set's maps and tables
+        half_rate = epoch_rate(lambda e: our_loader(e, half_plan), ours_per_item, epoch=epoch)
+    rows["(a) float16 shards, warm, epoch 2"] = half_rate
     for epoch in (1, 2):
-        rows[f"(c) seed loader alone, warm, epoch {epoch}"] = epoch_rate(seed_loader, seed_per_item, lambda: None, epoch)
+        rows[f"(c) seed loader alone, warm, epoch {epoch}"] = epoch_rate(seed_loader, seed_per_item, epoch=epoch)
     if drop_caches():  # the process's kept shard maps would hold their pages in the cache
         rows["(a) shard loader alone, cold"] = epoch_rate(our_loader, ours_per_item,
                                                           lambda: (forget_mapped_shards(), drop_caches()))
@@ -251,6 +265,8 @@ def main():
         if f"(a) shard loader alone, {cache}" in rows:
             speedup = rows[f"(a) shard loader alone, {cache}"] / rows[f"(c) seed loader alone, {cache}"]
             print(f"(a) / (c) loader speed-up, {cache}: {speedup:.1f}x")
+    half = rows["(a) float16 shards, warm, epoch 2"] / rows["(c) seed loader alone, warm, epoch 2"]
+    print(f"(a) float16 shards / (c), warm, epoch 2: {half:.1f}x")
     ceiling = rows["(e) one memory copy per sequence (ceiling)"] / rows["(c) seed loader alone, warm, epoch 2"]
     print(f"(e) / (c) the most any loader that copies each byte once could gain here, warm: {ceiling:.1f}x")
     print(f"(b) / (d) share of the compute bound: {100 * rows['(b) training steps, shard loader'] / rows['(d) model alone (compute bound)']:.0f}%")

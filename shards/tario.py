@@ -1,5 +1,6 @@
 """WebDataset tar shards: a deterministic writer and a chain of small streaming readers."""
 
+import itertools
 import json
 import mmap
 import os
@@ -238,11 +239,8 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None):
     streamed for URLs (where skipped samples are read, not decoded)."""
     if url.startswith(("http://", "https://")):
         with open_url(url) as stream:
-            for i, raw in enumerate(group_samples(iter_members(stream, url), url)):
-                if take is not None and i >= skip + take:
-                    break
-                if i >= skip:
-                    yield raw
+            yield from itertools.islice(group_samples(iter_members(stream, url), url),
+                                        skip, None if take is None else skip + take)
     else:
         path = url[len("file://"):] if url.startswith("file://") else url
         yield from mapped_samples(path, url, skip, take)

@@ -95,4 +95,5 @@ def test_normalise_units_is_per_unit_l2_and_keeps_padding_zero():
 
 def test_default_sizes_are_the_seeds():
     m = TwoStreamGRU()
-    assert (m.rnn1.input_size, m.rnn1.hidden_size, m.rnn1.bidirectional, m.classifier.out_features) == (4096, 512, True, 51)
+    sizes = (m.rnn1.input_size, m.rnn1.hidden_size, m.rnn1.bidirectional, m.classifier.out_features)
+    assert sizes == (4096, 512, True, 51)
