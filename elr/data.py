@@ -222,9 +222,9 @@ def padding_fraction(micro_batches) -> float:
     return 1.0 - real / total
 
 
-# Model inputs of a training step, per --train-on: each input stacks these fields along the batch.
-# With lr+hr every video is trained twice through the same weights, as its LR and its HR sequence
-# (the paper's coupling): rows 0..N-1 are LR, rows N..2N-1 are HR.
+# Model inputs of a training step, per --train-on: each input holds these fields' sequences, one
+# after the other. With lr+hr every video is trained twice through the same weights, as its LR and
+# its HR sequence (the paper's coupling): sequences 0..N-1 are LR, N..2N-1 are HR.
 TRAIN_INPUTS = {
     "lr+hr": {"rgb": ("lr_rgb", "hr_rgb"), "flow": ("lr_flow", "hr_flow")},
     "lr": {"rgb": ("lr_rgb",), "flow": ("lr_flow",)},

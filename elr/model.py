@@ -46,6 +46,12 @@ def pack_units(lengths, *units: torch.Tensor) -> list:
     return [PackedSequence(x.index_select(0, index), alive.sum(1), order, inverse) for x in units]
 
 
+def model_inputs(lengths, rgb: torch.Tensor, flow: torch.Tensor) -> list:
+    """The GRUs' inputs from a batch's own units (end to end, as the loaders give them): each unit
+    L2-normalised in place (in float32), then packed."""
+    return pack_units(lengths, normalise_units(rgb, inplace=True), normalise_units(flow, inplace=True))
+
+
 class TwoStreamGRU(nn.Module):
     """rnn1 reads the RGB stream, rnn2 the flow stream; the final hidden states of both directions
     of both streams are summed and classified. Attribute names match the seed's checkpoints."""

@@ -29,7 +29,7 @@ from elr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from elr.data import LR, TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers  # noqa: E402
 from elr.data import input_fields, iter_eval_batches, load_manifest, padding_fraction, phase_shards  # noqa: E402
 from elr.metrics import append_metrics, plot_curves, read_metrics  # noqa: E402
-from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, normalise_units, pack_units  # noqa: E402
+from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, model_inputs  # noqa: E402
 from shards.memory import keep_freed_memory  # noqa: E402
 
 
@@ -110,8 +110,7 @@ def evaluate(model, shards, rank, world, device, ctx, batch=64) -> tuple:
     with torch.no_grad():
         for b in iter_eval_batches(shards, rank, world, LR, batch):
             with ctx:
-                logits = model(*pack_units(b["lengths"], normalise_units(b["lr_rgb"].to(device), inplace=True),
-                                           normalise_units(b["lr_flow"].to(device), inplace=True)))
+                logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(device), b["lr_flow"].to(device)))
             correct += int((logits.argmax(1).cpu() == b["labels"]).sum())
             total += len(b["labels"])
     model.train()
@@ -201,9 +200,8 @@ def train(cfg: TrainConfig) -> dict:
             wait += time.perf_counter() - t_fetch
             step = group[0]["step"]
             lengths, labels = batch["lengths"], batch["labels"]
-            with ctx:  # the merged batch is this step's own: normalise it in place
-                logits = ddp_model(*pack_units(lengths, normalise_units(batch["rgb"], inplace=True),
-                                               normalise_units(batch["flow"], inplace=True)))
+            with ctx:  # the merged batch is this step's own: normalised in place
+                logits = ddp_model(*model_inputs(lengths, batch["rgb"], batch["flow"]))
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from elr.data import LR, collate, iter_eval_batches, load_manifest, phase_shards
-from elr.model import autocast, load_weights, normalise_units, pack_units
+from elr.model import autocast, load_weights, model_inputs
 from shards.errors import ELRError
 from shards.manifest import file_sha256
 from shards.memory import keep_freed_memory
@@ -85,8 +85,7 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
     with torch.no_grad():
         for b in _batches(manifest, shards, split, phase, job_index, num_jobs, fmt, batch):
             with ctx:
-                out_logits = model(*pack_units(b["lengths"], normalise_units(b["lr_rgb"].to(dev), inplace=True),
-                                               normalise_units(b["lr_flow"].to(dev), inplace=True)))
+                out_logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(dev), b["lr_flow"].to(dev)))
             keys += b["keys"]
             labels.append(b["labels"].numpy())
             logits.append(out_logits.float().cpu().numpy())
