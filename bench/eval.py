@@ -24,7 +24,7 @@ from bench.train import SeedDataLayer  # noqa: E402
 from elr.model import TwoStreamGRU  # noqa: E402
 from shards.build import BuildConfig, build_shards  # noqa: E402
 from shards.demo import DemoConfig, make_demo  # noqa: E402
-from shards.manifest import read_manifest  # noqa: E402
+from shards.manifest import load_manifest  # noqa: E402
 from train.evaluate import merge, run_job  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main():
         make_demo(root, DemoConfig(videos_per_class=34))
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         build_shards(root, BuildConfig(out=shards, progress=False))
-    m = read_manifest(shards)
+    m = load_manifest(shards)
     n_test = len(m["splits"]["Split1"]["Test"]["samples"])
     torch.manual_seed(0)
     model = TwoStreamGRU(m["dim"], args.hidden, len(m["classes"])).eval()

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.ingest import warm  # noqa: E402
 from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, input_fields  # noqa: E402
-from elr.data import load_manifest, phase_shards  # noqa: E402
+from elr.data import phase_shards  # noqa: E402
+from shards.manifest import load_manifest  # noqa: E402
 from elr.model import TwoStreamGRU, normalise_units, pack_units  # noqa: E402
 from shards.build import BuildConfig, build_shards  # noqa: E402
 from shards.demo import DemoConfig, make_demo  # noqa: E402

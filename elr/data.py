@@ -10,10 +10,9 @@ worker k of a rank owns every K-th of those. So:
   - resuming at step s regenerates the epoch and skips s steps: the same order as an uninterrupted run.
 """
 
-import json
 import math
+import os
 import random
-import urllib.request
 import warnings
 from dataclasses import dataclass
 
@@ -21,71 +20,90 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards import remote
 from shards.errors import ManifestError
-from shards.manifest import read_manifest
+from shards.schema import LR
 from shards.tario import decode_sample, iter_raw_samples
+from shards.zarrio import ZarrPhaseReader
 
-LR, HR = ("lr_rgb", "lr_flow"), ("hr_rgb", "hr_flow")
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One tar shard as a loader sees it."""
+    url: str  # local path or any fsspec URL
+    samples: int
+    spans: tuple | None = None  # each sample's (offset, bytes) in the shard: range reads of remote shards
 
 
-def load_manifest(root: str) -> dict:
-    """The manifest of a local shard folder or of an http(s) base URL."""
-    if root.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(root.rstrip("/") + "/manifest.json", timeout=60) as r:
-                return json.load(r)
-        except OSError as e:
-            raise ManifestError(f"{root}/manifest.json: cannot fetch ({e})") from None
-    return read_manifest(root)
+def phase_entry(manifest: dict, root: str, split: str, phase: str) -> dict:
+    entry = manifest["splits"].get(split, {}).get(phase)
+    if entry is None:
+        have = ", ".join(f"{s}/{p}" for s in sorted(manifest["splits"]) for p in manifest["splits"][s])
+        raise ManifestError(f"{root}: no {split}/{phase} in this shard set (it has {have})")
+    return entry
 
 
 def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
-    """[(url, n_samples)] of the tar shards of the given phases, in manifest order."""
+    """[ShardRef] of the tar shards of the given phases, in manifest order."""
     shards = []
     for phase in phases:
-        entry = manifest["splits"].get(split, {}).get(phase)
-        if entry is None or "webdataset" not in entry:
-            raise ManifestError(f"{root}: no webdataset shards for {split}/{phase}")
-        shards += [(f"{root.rstrip('/')}/{s['path']}", s["samples"]) for s in entry["webdataset"]["shards"]]
+        entry = phase_entry(manifest, root, split, phase)
+        if "webdataset" not in entry:
+            raise ManifestError(f"{root}: {split}/{phase} has no tar shards (built with --format zarr)")
+        spans = {}
+        for s in entry["samples"]:
+            if "offset" in s:
+                spans.setdefault(s["shard"], []).append((s["offset"], s["bytes"]))
+        for s in entry["webdataset"]["shards"]:
+            found = spans.get(os.path.basename(s["path"]))
+            shards.append(ShardRef(_join(root, s["path"]), s["samples"],
+                                   tuple(found) if found and len(found) == s["samples"] else None))
     return shards
+
+
+def _join(root: str, rel: str) -> str:
+    return remote.join(root, rel) if remote.is_url(root) else os.path.join(root, rel)
 
 
 @dataclass
 class StreamPlan:
     """How one epoch is cut: computed from the manifest alone, identical on every rank."""
-    shards: list  # [(url, n_samples)]
+    shards: list  # [ShardRef]
     n_streams: int  # virtual streams (a multiple of the world size)
     micro_batch: int  # videos per stream per step
 
+    def __post_init__(self):
+        self.shards = [s if isinstance(s, ShardRef) else ShardRef(*s) for s in self.shards]  # (url, samples) too
+
     @property
     def n_samples(self) -> int:
-        return sum(n for _, n in self.shards)
+        return sum(s.samples for s in self.shards)
 
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(math.ceil(self.n_samples / self.n_streams) / self.micro_batch)
 
     def stream_pieces(self, epoch: int, seed: int, stream: int) -> list:
-        """[(url, skip, take)] that make up `stream` in `epoch`."""
+        """[(ShardRef, skip, take)] that make up `stream` in `epoch`."""
         order = list(range(len(self.shards)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         n, v = self.n_samples, self.n_streams
         lo, hi = stream * n // v, (stream + 1) * n // v
         pieces, start = [], 0
         for i in order:
-            url, count = self.shards[i]
+            shard, count = self.shards[i], self.shards[i].samples
             a, b = max(lo, start), min(hi, start + count)
             if a < b:
-                pieces.append((url, a - start, b - a))
+                pieces.append((shard, a - start, b - a))
             start += count
         return pieces
 
 
 def iter_pieces(pieces, fields):
-    """Decoded samples of [(url, skip, take)]."""
-    for url, skip, take in pieces:
-        for raw in iter_raw_samples(url, skip, take):
-            yield decode_sample(raw, url, fields)
+    """Decoded samples of [(ShardRef, skip, take)]."""
+    for shard, skip, take in pieces:
+        for raw in iter_raw_samples(shard.url, skip, take, shard.spans):
+            yield decode_sample(raw, shard.url, fields)
 
 
 def collate(samples, fields, stream: int, step: int, concat: bool = True) -> dict:
@@ -213,12 +231,17 @@ class StepLoader:
                 group = []
 
 
-def padding_fraction(micro_batches) -> float:
-    """Share of a padded layout of the micro-batches (each to its longest video) that would be padding.
+def padded_units(micro_batches) -> tuple:
+    """(real units, units of a padded layout of the micro-batches, each to its longest video).
 
-    It measures how well bucketing matches lengths; nothing is padded here (see collate)."""
+    They measure how well bucketing matches lengths; nothing is padded here (see collate)."""
     real = sum(int(mb["lengths"].sum()) for mb in micro_batches)
-    total = sum(len(mb["lengths"]) * int(mb["lengths"].max()) for mb in micro_batches)
+    return real, sum(len(mb["lengths"]) * int(mb["lengths"].max()) for mb in micro_batches)
+
+
+def padding_fraction(micro_batches) -> float:
+    """Share of a padded layout of the micro-batches that would be padding."""
+    real, total = padded_units(micro_batches)
     return 1.0 - real / total
 
 
@@ -306,14 +329,34 @@ class DevicePrefetcher:
             yield group, batch
 
 
-def iter_eval_batches(shards, rank: int, world_size: int, fields=LR, batch: int = 64):
-    """Plain ordered batches of this rank's share of the shards (every video exactly once across ranks)."""
-    mine = shards[rank::world_size]
-    samples = []
-    for sample in iter_pieces([(url, 0, n) for url, n in mine], fields):
-        samples.append(sample)
-        if len(samples) == batch:
-            yield collate(samples, fields, rank, 0)
-            samples = []
-    if samples:
-        yield collate(samples, fields, rank, 0)
+def phase_samples(manifest: dict, root: str, split: str, phase: str, part: int = 0, parts: int = 1,
+                  fields=LR, fmt: str = "auto"):
+    """Samples (shards.schema) of one share of a phase: every video in exactly one of `parts` shares.
+
+    From the Zarr copy (fmt "zarr", or "auto" for a local set that has one): a contiguous range of
+    videos, reading only `fields`. From the tar shards: every parts-th shard."""
+    entry = phase_entry(manifest, root, split, phase)
+    use_zarr = fmt == "zarr" or (fmt == "auto" and "zarr" in entry and not remote.is_url(root))
+    if not use_zarr:
+        shards = phase_shards(manifest, root, split, [phase])[part::parts]
+        yield from iter_pieces([(s, 0, s.samples) for s in shards], fields)
+        return
+    if "zarr" not in entry:
+        raise ManifestError(f"{root}: {split}/{phase} has no Zarr copy (built with --format webdataset)")
+    if remote.is_url(root):
+        raise ManifestError(f"{root}: the Zarr copy is read from local sets only; use --format webdataset")
+    reader = ZarrPhaseReader(os.path.join(root, entry["zarr"]["path"]))
+    n = len(reader)
+    yield from reader.iter_range(n * part // parts, n * (part + 1) // parts, fields=fields)
+
+
+def batches(samples, fields, batch: int):
+    """Ordered, unpadded batches (collate) of a sample iterator."""
+    chunk = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch:
+            yield collate(chunk, fields, 0, 0)
+            chunk = []
+    if chunk:
+        yield collate(chunk, fields, 0, 0)

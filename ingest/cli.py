@@ -5,26 +5,42 @@ import sys
 
 import click
 
-from ingest.errors import call
 from shards.build import BuildConfig, build_shards, default_out
+from shards.cli import call, run_command_line
 from shards.demo import DemoConfig, make_demo
 from shards.info import format_info, shard_set_info
 from shards.verify import verify_shards
 
 
-def _size(text: str) -> int:
-    """'256MB', '1.5GB', '4096' -> bytes."""
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for suffix, factor in units.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * factor)
-    return int(t)
+class ByteSize(click.ParamType):
+    """'256MB', '1.5GiB', '4096' -> bytes (dask.utils.parse_bytes)."""
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from dask.utils import parse_bytes
+
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_bytes(value)
+        except (ValueError, TypeError):
+            self.fail(f"{value!r} is not a size (e.g. 256MB, 1.5GB, 64MiB)", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be more than 0 bytes", param, ctx)
+        return size
+
+
+POSITIVE, COUNT = click.IntRange(min=1), click.IntRange(min=0)
+dask_workers_option = click.option(
+    "--dask-workers", "--workers", "workers", type=COUNT, default=0, show_default=True,
+    help="Local dask worker processes (0: one per core); ignored with --scheduler.")
+scheduler_option = click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://head:8786.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="elr-pipeline")
-def main():
+def cli():
     """Sharded storage for extremely-low-resolution (eLR) action recognition features.
 
     \b
@@ -36,13 +52,14 @@ def main():
     """
 
 
-@main.command("make-demo")
+@cli.command("make-demo")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--classes", default=51, show_default=True, help="Number of classes (HMDB51's names first).")
-@click.option("--videos-per-class", default=4, show_default=True, help="Videos per class in each phase.")
-@click.option("--dim", default=4096, show_default=True, help="Feature dim (C3D fc6: 4096).")
-@click.option("--min-units", default=4, show_default=True, help="Shortest video, in C3D units.")
-@click.option("--max-units", default=16, show_default=True, help="Longest video, in C3D units.")
+@click.option("--classes", default=51, show_default=True, type=click.IntRange(min=2),
+              help="Number of classes (HMDB51's names first).")
+@click.option("--videos-per-class", default=4, show_default=True, type=POSITIVE, help="Videos per class in each phase.")
+@click.option("--dim", default=4096, show_default=True, type=POSITIVE, help="Feature dim (C3D fc6: 4096).")
+@click.option("--min-units", default=4, show_default=True, type=click.IntRange(min=3), help="Shortest video, in C3D units.")
+@click.option("--max-units", default=16, show_default=True, type=click.IntRange(min=3), help="Longest video, in C3D units.")
 @click.option("--latent-dim", default=DemoConfig.latent_dim, show_default=True,
               help="Dimension the synthetic signal lives in, embedded into --dim.")
 @click.option("--hr-snr", default=DemoConfig.hr_snr, show_default=True, help="Signal-to-noise of HR units.")
@@ -65,29 +82,31 @@ def make_demo_cmd(out, **options):
                f"under {out}/Split1", err=True)
 
 
-@main.command("build-shards")
+@cli.command("build-shards")
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder. [default: <DATA_ROOT>-shards]")
 @click.option("--split", "splits", multiple=True, help="Only this split (repeatable), e.g. --split Split1.")
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "zarr", "both"]), default="both",
               show_default=True, help="Which copies to write.")
-@click.option("--shard-size", default="256MB", show_default=True, help="Target tar shard size (KB, MB, GB).")
-@click.option("--min-shards", default=8, show_default=True, help="At least this many tar shards per phase.")
+@click.option("--shard-size", "shard_bytes", default="256MB", show_default=True, type=ByteSize(),
+              help="Target tar shard size (KB, MB, GB, KiB...).")
+@click.option("--min-shards", default=8, show_default=True, type=POSITIVE, help="At least this many tar shards per phase.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype (float32 is lossless).")
 @click.option("--seed", default=0, show_default=True, help="Shuffles videos across shards.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="A bad video stops the build, or is left out and listed in the manifest.")
-@click.option("--workers", default=0, show_default=True, help="Local dask worker processes (0: one per core).")
-@click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://head:8786.")
+@dask_workers_option
+@scheduler_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set once the new one is complete.")
-@click.option("--zarr-chunk-units", default=512, show_default=True, help="Units per Zarr chunk (the smallest read).")
-@click.option("--zarr-shard-units", default=2048, show_default=True, help="Units per Zarr shard file.")
+@click.option("--zarr-chunk-units", default=512, show_default=True, type=POSITIVE,
+              help="Units per Zarr chunk (the smallest read).")
+@click.option("--zarr-shard-units", default=2048, show_default=True, type=POSITIVE, help="Units per Zarr shard file.")
 @click.option("--direct-io/--page-cache", "direct_io", default=True, show_default=True,
               help="Write shard files around the page cache (O_DIRECT, where the filesystem allows), or through it.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):
+@quiet_option
+def build_shards_cmd(data_root, out, splits, fmt, quiet, **options):
     """Turn DATA_ROOT (the seed's data/HMDB51 tree) into tar shards and Zarr stores.
 
     One sample per video: its hr_rgb, lr_rgb, hr_flow and lr_flow arrays, label and names.
@@ -101,8 +120,7 @@ def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):
       elr-ingest build-shards data/HMDB51 --resume          # after an interruption
     """
     formats = ("webdataset", "zarr") if fmt == "both" else (fmt,)
-    cfg = call(BuildConfig, out=out, splits=splits, formats=formats, shard_bytes=call(_size, shard_size),
-               progress=not quiet, **options)
+    cfg = call(BuildConfig, out=out, splits=splits, formats=formats, progress=not quiet, **options)
     manifest = call(build_shards, data_root, cfg)
     target = out or default_out(data_root)
     n = sum(len(e["samples"]) for s in manifest["splits"].values() for e in s.values())
@@ -111,14 +129,14 @@ def build_shards_cmd(data_root, out, splits, fmt, shard_size, quiet, **options):
                err=True)
 
 
-@main.command("verify")
+@cli.command("verify")
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Also check every array against this source tree, exactly.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--workers", default=0, show_default=True, help="Local dask worker processes (0: one per core).")
-@click.option("--scheduler", help="Address of a dask.distributed scheduler.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@dask_workers_option
+@scheduler_option
+@quiet_option
 def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
     """Prove SHARDS is complete and intact; exit 0 only when every check holds.
 
@@ -145,7 +163,7 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
     sys.exit(0 if report["ok"] else 1)
 
 
-@main.command("info")
+@cli.command("info")
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def info_cmd(shards, as_json):
@@ -157,6 +175,10 @@ def info_cmd(shards, as_json):
     """
     info = call(shard_set_info, shards)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+
+
+def main(argv=None):
+    run_command_line(cli, argv)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,15 @@ import numpy as np
 
 from . import __version__
 from .errors import BadVideoError, OutputExistsError, SourceLayoutError
-from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
+from .atomic import write_json_atomic
+from .manifest import DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest, unlisted_files
 from .parallel import dask_client, run_tasks
-from .source import STREAMS, discover
+from .schema import STREAMS
+from .source import discover
 from .tasks import scan_batch, skip_record, tar_task, zarr_task
 from .zarrio import create_phase_store, shard_ranges, store_files
 
 FORMATS = ("webdataset", "zarr")
-DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -84,7 +85,7 @@ def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
     out = os.path.abspath(cfg.out) if cfg.out else default_out(root)
     staging = out + ".building"
     if _prepare_output(out, staging, cfg):
-        return read_manifest(out)
+        return load_manifest(out)
     if os.path.exists(os.path.join(staging, MANIFEST_NAME)):  # killed after the manifest, before the rename
         return _publish(staging, out)
 
@@ -127,7 +128,11 @@ def _prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
 
 
 def _publish(staging: str, out: str) -> dict:
+    """Rename the finished staging folder to `out`, with nothing in it that the manifest does not list
+    (temporary files of tasks killed mid-write, on this machine or a lost dask worker)."""
     shutil.rmtree(os.path.join(staging, "_build"), ignore_errors=True)
+    for rel in unlisted_files(staging, load_manifest(staging)):
+        os.unlink(os.path.join(staging, rel))
     if os.path.isdir(out):
         old = f"{out}.old-{os.getpid()}"
         os.rename(out, old)
@@ -135,7 +140,7 @@ def _publish(staging: str, out: str) -> dict:
         shutil.rmtree(old)
     else:
         os.rename(staging, out)
-    return read_manifest(out)
+    return load_manifest(out)
 
 
 # ---- scan: headers only, in parallel ---------------------------------------------------------
@@ -324,9 +329,12 @@ def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
         store_rel = f"{phase_name}.zarr"
         meta_name = f"{store_rel}/metadata"
         if journal.done(meta_name) is None:
+            sources = [videos[key] for key, _, _ in samples]
             create_phase_store(os.path.join(journal.staging, store_rel), dim, cfg.dtype, offsets,
                                [label for _, label, _ in samples], [key for key, _, _ in samples],
-                               cfg.zarr_chunk_units, cfg.zarr_shard_units)
+                               cfg.zarr_chunk_units, cfg.zarr_shard_units,
+                               {"split": sources[0].split, "phase": sources[0].phase,
+                                "classes": [v.class_name for v in sources], "videos": [v.video for v in sources]})
             journal.record(meta_name, {"files": []})
         ranges = shard_ranges(int(offsets[-1]), cfg.zarr_shard_units)
         layouts[phase_name] = (store_rel, offsets, ranges)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .source import PHASES, STREAMS
+from .schema import STREAMS
+from .source import PHASES
 
 HMDB51_CLASSES = (
     "brush_hair cartwheel catch chew clap climb climb_stairs dive draw_sword dribble drink eat fall_floor "

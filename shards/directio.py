@@ -15,6 +15,8 @@ import hashlib
 import mmap
 import os
 
+from .atomic import remove_quietly, temp_path
+
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 BLOCK = 8 << 20  # staging buffer: one write per 8 MiB
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -92,7 +94,7 @@ class DirectFile:
 
 def write_file_atomic(path: str, data, direct: bool = True) -> dict:
     """Write `data` to `path` under a temporary name, then rename; returns its bytes and sha256."""
-    tmp = f"{path}.partial-{os.getpid()}"
+    tmp = temp_path(path)
     f = DirectFile(tmp, direct)
     try:
         f.write(data)
@@ -100,7 +102,6 @@ def write_file_atomic(path: str, data, direct: bool = True) -> dict:
         os.replace(tmp, path)
     except BaseException:
         f.abandon()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_quietly(tmp)
         raise
     return {"bytes": f.nbytes, "sha256": f.sha256.hexdigest()}

@@ -30,3 +30,7 @@ class ManifestError(ELRError):
 
 class ShardCorruptError(ELRError):
     """A shard's bytes or samples do not match what the manifest promises."""
+
+
+class RemoteError(ELRError):
+    """A remote shard set cannot be read (after retries, where retrying can help)."""

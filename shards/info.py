@@ -1,10 +1,10 @@
 """info: a summary of a shard set, from its manifest alone."""
 
-from .manifest import iter_phases, read_manifest
+from .manifest import iter_phases, load_manifest
 
 
 def shard_set_info(shards_dir: str) -> dict:
-    m = read_manifest(shards_dir)
+    m = load_manifest(shards_dir)
     phases = []
     for split, phase, e in iter_phases(m):
         tar = e.get("webdataset", {}).get("shards", [])

@@ -15,6 +15,8 @@ def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
     """A dask Client: `client` itself if given, else one connected to `scheduler`, else a local process cluster."""
     from dask.distributed import Client, LocalCluster
 
+    if workers < 0:
+        raise ValueError(f"--dask-workers must be >= 0 (0: one per core), got {workers}")
     if client is not None:
         yield client
         return

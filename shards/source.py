@@ -9,14 +9,9 @@ import numpy as np
 from .errors import BadVideoError, SourceLayoutError
 from .npyio import NpyFormatError, npy_from_bytes, parse_npy_header
 
+from .schema import STREAMS
+
 PHASES = ("Train", "Validation", "Test")
-# Sample field -> folder suffix in the seed's layout: <Phase>_<suffix>/<class>/<video>.npy
-STREAMS = {
-    "hr_rgb": "hr_features",
-    "lr_rgb": "lr_features",
-    "hr_flow": "hr_optfl_features",
-    "lr_flow": "lr_optfl_features",
-}
 
 
 def video_key(split: str, phase: str, class_name: str, video: str) -> str:

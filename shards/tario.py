@@ -1,19 +1,19 @@
 """WebDataset tar shards: a deterministic writer and a chain of small streaming readers."""
 
-import itertools
 import json
 import mmap
 import os
 import tarfile
-import urllib.request
 import zlib
 
 import numpy as np
 
+from . import remote
+from .atomic import remove_quietly, temp_path
 from .directio import DirectFile
 from .errors import ShardCorruptError
 from .npyio import NpyFormatError, npy_from_bytes, npy_parts
-from .source import STREAMS
+from .schema import STREAMS
 
 
 def sample_digest(arrays: dict) -> str:
@@ -25,7 +25,7 @@ def sample_digest(arrays: dict) -> str:
 
 
 class TarShardWriter:
-    """Write one tar shard under a temporary name; `close()` renames it into place.
+    """Write one tar shard under a temporary name; `close()` (or a clean `with` exit) renames it into place.
 
     Members are written directly: the stdlib builds each 512-byte USTAR header (`TarInfo.tobuf`), and
     array bytes go from the array's own buffer to the hash and a DirectFile (tarfile's stream layer
@@ -35,9 +35,9 @@ class TarShardWriter:
     """
 
     def __init__(self, path: str, direct: bool = True):
-        self.path, self.tmp = path, f"{path}.partial-{os.getpid()}"
+        self.path, self.tmp = path, temp_path(path)
         self._file = DirectFile(self.tmp, direct)  # hashes and counts what it writes
-        self.n_samples = 0
+        self.n_samples, self.info = 0, None
 
     def _member(self, name: str, parts: list) -> None:
         info = tarfile.TarInfo(name)
@@ -48,25 +48,31 @@ class TarShardWriter:
         if info.size % tarfile.BLOCKSIZE:
             self._file.write(bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
 
-    def write(self, key: str, arrays: dict, meta: dict) -> None:
+    def write(self, key: str, arrays: dict, meta: dict) -> tuple:
+        """Append one sample; returns its (offset, bytes) in the shard: what a range read fetches."""
+        start = self._file.nbytes
         members = {f"{stream}.npy": npy_parts(arrays[stream]) for stream in STREAMS}
         members["json"] = [json.dumps(meta, sort_keys=True).encode()]
         for field in sorted(members):  # the order webdataset's TarWriter uses
             self._member(f"{key}.{field}", members[field])
         self.n_samples += 1
+        return start, self._file.nbytes - start
 
     def close(self) -> dict:
+        """Finish the archive and rename it into place; returns its bytes, sha256 and sample count."""
+        if self.info is not None:
+            return self.info
         self._file.write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive marker
         if self._file.nbytes % tarfile.RECORDSIZE:  # pad to a whole record, as tar and tarfile do
             self._file.write(bytes(tarfile.RECORDSIZE - self._file.nbytes % tarfile.RECORDSIZE))
         self._file.close()
         os.replace(self.tmp, self.path)
-        return {"bytes": self._file.nbytes, "sha256": self._file.sha256.hexdigest(), "samples": self.n_samples}
+        self.info = {"bytes": self._file.nbytes, "sha256": self._file.sha256.hexdigest(), "samples": self.n_samples}
+        return self.info
 
     def abort(self) -> None:
         self._file.abandon()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        remove_quietly(self.tmp)
 
     def __enter__(self):
         return self
@@ -74,14 +80,11 @@ class TarShardWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type:
             self.abort()
+        else:
+            self.close()
 
 
 # Reading: open -> members -> samples (grouped) -> decoded dicts. Each stage names the shard in its errors.
-
-
-def open_url(url: str):
-    """A readable stream of an http(s):// shard: streamed, never downloaded first (local shards are mapped)."""
-    return urllib.request.urlopen(url, timeout=60)
 
 
 def _parse_header(header: bytes, name: str, offset: int):
@@ -114,8 +117,11 @@ def _map(path: str, name: str):
     return view, (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _member_spans(view: memoryview, name: str):
-    """Yield (member name, data start, data length) of the regular files of a mapped tar."""
+def _member_spans(view: memoryview, name: str, whole: bool = True):
+    """Yield (member name, data start, data length) of the regular files of a mapped tar.
+
+    whole=False: `view` is a run of whole samples cut from a shard (a range read), with no
+    end-of-archive marker after them."""
     size, offset = len(view), 0
     while offset + tarfile.BLOCKSIZE <= size:
         header = bytes(view[offset:offset + tarfile.BLOCKSIZE])
@@ -130,7 +136,8 @@ def _member_spans(view: memoryview, name: str):
         if kind in tarfile.REGULAR_TYPES:
             yield member, start, length
         offset = start + -(-length // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    raise ShardCorruptError(f"{name}: truncated or not a tar file (no end-of-archive marker)")
+    if whole or offset != size:
+        raise ShardCorruptError(f"{name}: truncated or not a tar file (no end-of-archive marker)")
 
 
 def iter_mapped_members(path: str, name: str | None = None):
@@ -187,17 +194,6 @@ def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int 
         yield sample
 
 
-def iter_members(stream, name: str):
-    """Yield (member name, bytes) of regular files in a tar stream; nothing is extracted to disk."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if member.isreg():
-                    yield member.name, tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardCorruptError(f"{name}: truncated or not a tar file ({e})") from None
-
-
 def group_samples(members, name: str):
     """Group consecutive members `<key>.<field>` into raw samples {"__key__": key, field: bytes}."""
     current = None
@@ -234,13 +230,38 @@ def decode_sample(raw: dict, name: str, fields=tuple(STREAMS)) -> dict:
     return sample
 
 
-def iter_raw_samples(url: str, skip: int = 0, take: int | None = None):
+RANGE_BYTES = 64 << 20  # a remote stream reads its samples in requests of about this size
+
+
+def remote_samples(url: str, skip: int = 0, take: int | None = None, spans=None):
+    """Raw samples skip..skip+take of a remote shard, read as byte ranges of whole samples.
+
+    spans: each sample's (offset, bytes) in the shard, from the manifest; without them (or past
+    them) the whole shard is read. Every request is retried (shards.remote)."""
+    if spans is None:
+        data = memoryview(remote.read_bytes(url))
+        members = ((m, data[a:a + n]) for m, a, n in _member_spans(data, url))
+        samples = tuple(group_samples(members, url))
+        yield from samples[skip:None if take is None else skip + take]
+        return
+    wanted = spans[skip:None if take is None else skip + take]
+    i = 0
+    while i < len(wanted):
+        j = i + 1  # whole samples, up to RANGE_BYTES (one request for the piece if the server ignores ranges)
+        while j < len(wanted) and (url in remote._NO_RANGES or wanted[j][0] + wanted[j][1] - wanted[i][0] <= RANGE_BYTES):
+            j += 1
+        start, end = wanted[i][0], wanted[j - 1][0] + wanted[j - 1][1]
+        data = memoryview(remote.read_bytes(url, start, end))
+        members = ((m, data[a:a + n]) for m, a, n in _member_spans(data, f"{url} (bytes {start}..{end})", whole=False))
+        yield from group_samples(members, url)
+        i = j
+
+
+def iter_raw_samples(url: str, skip: int = 0, take: int | None = None, spans=None):
     """Raw (undecoded) samples skip..skip+take of one shard, in stored order: mapped for local files,
-    streamed for URLs (where skipped samples are read, not decoded)."""
-    if url.startswith(("http://", "https://")):
-        with open_url(url) as stream:
-            yield from itertools.islice(group_samples(iter_members(stream, url), url),
-                                        skip, None if take is None else skip + take)
+    range reads for URLs (see remote_samples)."""
+    if remote.is_url(url):
+        yield from remote_samples(url, skip, take, spans)
     else:
         path = url[len("file://"):] if url.startswith("file://") else url
         yield from mapped_samples(path, url, skip, take)

@@ -5,7 +5,8 @@ import os
 import numpy as np
 
 from .errors import BadVideoError
-from .source import STREAMS, load_video, read_ahead, scan_video
+from .schema import STREAMS, sample_meta
+from .source import load_video, read_ahead, scan_video
 from .tario import TarShardWriter, sample_digest
 from .zarrio import write_unit_range
 
@@ -37,13 +38,13 @@ def tar_task(staging, shard, videos, dtype, on_error, write, direct=True):
                     raise
                 skipped.append(skip_record(e.class_name, e.video, e.path, e.problem))
                 continue
-            meta = _sample_meta(v, label, arrays["lr_rgb"].shape[0])
-            if writer:
-                writer.write(key, arrays, meta)
+            meta = sample_meta(label, v.class_name, v.video, arrays["lr_rgb"].shape[0], v.split, v.phase)
+            entry = {"key": key, "label": label, "class": v.class_name, "video": v.video,
+                     "units": meta["units"], "shard": os.path.basename(shard["name"]), "digest": sample_digest(arrays)}
+            if writer:  # where the sample lies in its shard: remote readers fetch just these bytes
+                entry["offset"], entry["bytes"] = writer.write(key, arrays, meta)
             nbytes += sum(a.nbytes for a in arrays.values())
-            samples.append({"key": key, "label": label, "class": v.class_name, "video": v.video,
-                            "units": meta["units"], "shard": os.path.basename(shard["name"]),
-                            "digest": sample_digest(arrays)})
+            samples.append(entry)
         record = {"samples": samples, "skipped": skipped, "nbytes": nbytes, "count": len(videos), "files": []}
         if writer:
             info = writer.close()
@@ -53,11 +54,6 @@ def tar_task(staging, shard, videos, dtype, on_error, write, direct=True):
         if writer:
             writer.abort()
         raise
-
-
-def _sample_meta(v, label, units):
-    return {"label": label, "class": v.class_name, "video": v.video, "units": units,
-            "split": v.split, "phase": v.phase}
 
 
 _BLOCKS = {}  # per worker process: reused block buffers (fresh memory costs a page fault per 4 KB)

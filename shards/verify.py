@@ -6,11 +6,12 @@ from collections import Counter
 import numpy as np
 
 from .errors import BadVideoError, ELRError
-from .manifest import file_sha256, iter_phases, read_manifest
+from .manifest import file_sha256, iter_phases, load_manifest, unlisted_files
 from .parallel import dask_client, run_tasks
-from .source import STREAMS, SourceVideo, discover, load_video
+from .schema import STREAMS
+from .source import SourceVideo, discover, load_video
 from .tario import decode_sample, group_samples, iter_mapped_members, sample_digest
-from .zarrio import ZarrPhaseReader, store_files
+from .zarrio import ZarrPhaseReader
 
 
 def _check_arrays(sample, where, dim, dtype, fields=tuple(STREAMS)):
@@ -100,7 +101,7 @@ def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
         reader = ZarrPhaseReader(os.path.join(shards_dir, store_rel))
         for entry, sample in zip(entries, reader.iter_range(first, last)):
             where = f"{store_rel}: sample {entry['index']} (key {sample['__key__']})"
-            if (sample["__key__"], sample["label"]) != (entry["key"], entry["label"]):
+            if (sample["__key__"], sample["meta"]["label"]) != (entry["key"], entry["label"]):
                 problems.append(f"{where}: manifest expects key {entry['key']} label {entry['label']}")
                 continue
             found = _check_arrays(sample, where, dim, dtype)
@@ -114,10 +115,12 @@ def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
 
 def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True, client=None) -> dict:
     """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
-    manifest = read_manifest(shards_dir)
+    shards_dir = os.path.abspath(shards_dir)  # workers (on a cluster, in other folders) get full paths
+    manifest = load_manifest(shards_dir)
     dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
     source = os.path.abspath(source) if source else None
-    calls, problems, total = [], [], 0
+    calls, total = [], 0
+    problems = [f"{rel}: not in the manifest" for rel in unlisted_files(shards_dir, manifest)]
     for split, phase, entry in iter_phases(manifest):
         by_shard = {}
         for s in entry["samples"]:
@@ -128,9 +131,6 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
             total += shard["samples"]
         if "zarr" in entry:
             z = entry["zarr"]
-            listed = {f["path"] for f in z["files"]}
-            on_disk = {f"{z['path']}/{rel}" for rel in store_files(os.path.join(shards_dir, z["path"]))}
-            problems += [f"{p}: not in the manifest" for p in sorted(on_disk - listed)]
             for i in range(0, len(z["files"]), 16):
                 calls.append((_verify_zarr_files, shards_dir, z["files"][i:i + 16]))
             samples = entry["samples"]

@@ -10,14 +10,19 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from .atomic import is_temp
 from .directio import write_file_atomic
-from .source import STREAMS
+from .schema import STREAMS, make_sample, sample_meta
 
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every shard file exists, so the file list is predictable
 
 
-def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, chunk_units: int, shard_units: int):
-    """Create the group, its arrays and attributes (no stream data yet)."""
+def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, chunk_units: int, shard_units: int,
+                       names: dict):
+    """Create the group, its arrays and attributes (no stream data yet).
+
+    names: {"split", "phase", "classes": [per sample], "videos": [per sample]}, so that a reader
+    yields the same metadata as the tar copy (shards.schema)."""
     n_units = int(offsets[-1])
     group = zarr.open_group(path, mode="w", zarr_format=3)
     for stream in STREAMS:
@@ -27,7 +32,7 @@ def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, c
         )
     group.create_array("offsets", data=np.asarray(offsets, dtype=np.int64), chunks=(len(offsets),), compressors=None)
     group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),), compressors=None)
-    group.attrs.update({"keys": list(keys), "streams": list(STREAMS), "shard_units": shard_units})
+    group.attrs.update({"keys": list(keys), "streams": list(STREAMS), "shard_units": shard_units, **names})
 
 
 def shard_ranges(n_units: int, shard_units: int):
@@ -64,10 +69,10 @@ def write_unit_range(path: str, start: int, stop: int, blocks: dict, direct: boo
 
 
 def store_files(path: str) -> list:
-    """Every file of a store, relative to it, sorted."""
+    """Every file of a store, relative to it, sorted (temporary files of killed writers left out)."""
     found = []
     for folder, _, files in os.walk(path):
-        found += [os.path.relpath(os.path.join(folder, f), path) for f in files]
+        found += [os.path.relpath(os.path.join(folder, f), path) for f in files if not is_temp(f)]
     return sorted(found)
 
 
@@ -79,20 +84,26 @@ class ZarrPhaseReader:
         self.group = zarr.open_group(path, mode="r")
         self.offsets = self.group["offsets"][:]
         self.labels = self.group["labels"][:]
-        self.keys = list(self.group.attrs["keys"])
+        attrs = self.group.attrs
+        self.keys = list(attrs["keys"])
+        self.names = {k: attrs.get(k) for k in ("split", "phase", "classes", "videos")}
         self.arrays = {s: self.group[s] for s in STREAMS}
 
     def __len__(self):
         return len(self.keys)
 
     def iter_range(self, first: int, last: int, fields=tuple(STREAMS)):
-        """Samples first..last-1 as dicts, read with one contiguous slice per stream (no HR bytes if not asked)."""
+        """Samples first..last-1 (shards.schema), read with one contiguous slice per stream (no HR bytes
+        if not asked)."""
         if first >= last:
             return
         lo, hi = int(self.offsets[first]), int(self.offsets[last])
         blocks = {s: self.arrays[s][lo:hi] for s in fields}
+        n = self.names
         for i in range(first, last):
             a, b = int(self.offsets[i]) - lo, int(self.offsets[i + 1]) - lo
-            sample = {"__key__": self.keys[i], "label": int(self.labels[i])}
-            sample.update({s: blocks[s][a:b] for s in fields})
-            yield sample
+            if n["videos"] is not None:
+                meta = sample_meta(int(self.labels[i]), n["classes"][i], n["videos"][i], b - a, n["split"], n["phase"])
+            else:  # a store written before the names were kept
+                meta = {"label": int(self.labels[i]), "units": b - a}
+            yield make_sample(self.keys[i], meta, {s: blocks[s][a:b] for s in fields})

@@ -60,3 +60,65 @@ def build(root, client, **options):
 def source_array(root, split, phase, stream_folder, class_name, video):
     return np.load(os.path.join(root, split, f"{phase}_{stream_folder}", class_name, video + ".npy"),
                    allow_pickle=False)
+
+
+class HttpServer:
+    """`python -m http.server` serving a folder on 127.0.0.1, as a separate process; stop() and start()
+    again on the same port (a server that dies and comes back). It answers range requests with the
+    whole file, as many simple servers do."""
+
+    def __init__(self, directory, port=None):
+        import socket
+
+        self.directory = str(directory)
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port, self.url, self.proc, self.requests = port, f"http://127.0.0.1:{port}", None, []
+
+    def start(self):
+        import subprocess
+        import sys
+        import threading
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", self.directory], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._log, args=(self.proc,), daemon=True).start()
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1).close()
+                return self
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _log(self, proc):
+        for line in proc.stderr:  # '127.0.0.1 - - [date] "GET /path HTTP/1.1" 200 -'
+            if '"GET ' in line:
+                self.requests.append(line.split('"GET ', 1)[1].split(" ", 1)[0])
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def http_server():
+    """Factory: http_server(folder) starts a server; every server is stopped at the end of the test."""
+    servers = []
+
+    def start(directory):
+        servers.append(HttpServer(directory).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY, build, source_array
+from shards.build import BuildConfig, build_shards
 from shards.errors import OutputExistsError
-from shards.manifest import file_sha256, read_manifest
-from shards.source import STREAMS, video_key
+from shards.manifest import file_sha256, load_manifest
+from shards.schema import STREAMS
+from shards.source import video_key
 from shards.tario import iter_tar_samples
 from shards.zarrio import ZarrPhaseReader
 
@@ -29,7 +31,7 @@ def all_files(root):
 
 
 def test_round_trip_tar_and_zarr_equal_source(demo_master, built_master):
-    m = read_manifest(str(built_master))
+    m = load_manifest(str(built_master))
     assert m["classes"] == sorted(os.listdir(demo_master / "Split1" / "Train"))
     assert m["dim"] == TINY["dim"] and m["dtype"] == "float32"
     n_seen = 0
@@ -54,13 +56,25 @@ def test_round_trip_tar_and_zarr_equal_source(demo_master, built_master):
 
 
 def test_keys_are_webdataset_safe_for_real_hmdb_names(built_master):
-    m = read_manifest(str(built_master))
+    m = load_manifest(str(built_master))
     samples = [s for e in m["splits"]["Split1"].values() for s in e["samples"]]
     names = "".join(s["video"] for s in samples)
     for ch in "#()!&'+.":
         assert ch in names, f"demo names should exercise {ch!r}"
-    assert all("." not in s["key"] and "/" not in s["key"] for s in samples)
     assert len({s["key"] for s in samples}) == len(samples)
+    # plain webdataset splits member names at the first dot: each sample must still come out whole
+    import webdataset as wds
+
+    by_key = {s["key"]: s for s in samples}
+    seen = 0
+    for entry in m["splits"]["Split1"].values():
+        for shard in entry["webdataset"]["shards"]:
+            for sample in wds.WebDataset(str(built_master / shard["path"]), shardshuffle=False):
+                fields = {k for k in sample if not k.startswith("__")}
+                assert fields == {"json", "hr_rgb.npy", "lr_rgb.npy", "hr_flow.npy", "lr_flow.npy"}, fields
+                assert json.loads(sample["json"])["video"] == by_key[sample["__key__"]]["video"]
+                seen += 1
+    assert seen == len(samples)
 
 
 def test_layout_min_shards_and_sizes(demo_master, tmp_path, dask_client):
@@ -78,8 +92,8 @@ def test_layout_min_shards_and_sizes(demo_master, tmp_path, dask_client):
 
 
 def test_two_builds_are_byte_identical(demo_master, tmp_path, dask_client):
-    a = build(demo_master, dask_client, out=str(tmp_path / "a"))
-    b = build(demo_master, dask_client, out=str(tmp_path / "b"), workers=1)
+    a = build(demo_master, dask_client, out=str(tmp_path / "a"))  # 2 workers
+    b = build_shards(str(demo_master), BuildConfig(out=str(tmp_path / "b"), workers=1, progress=False))  # its own 1
     assert all_files(tmp_path / "a") == all_files(tmp_path / "b")
     assert a == b
     c = build(demo_master, dask_client, out=str(tmp_path / "c"), seed=7)  # another shuffle: other bytes
@@ -102,7 +116,7 @@ def test_existing_set_is_never_overwritten_silently(built, demo_master, dask_cli
         build(demo_master, dask_client, out=str(built), seed=3)
     assert all_files(built) == before
     build(demo_master, dask_client, out=str(built), seed=3, overwrite=True)
-    assert read_manifest(str(built))["options"]["seed"] == 3
+    assert load_manifest(str(built))["options"]["seed"] == 3
     assert not any(p.name.startswith("HMDB51-shards.old") for p in built.parent.iterdir())
 
 
@@ -168,7 +182,7 @@ def test_webdataset_reads_our_shards(built_master):
     """The shards are plain WebDataset tars: webdataset's own pipeline decodes them."""
     import webdataset as wds
 
-    m = read_manifest(str(built_master))
+    m = load_manifest(str(built_master))
     urls = [str(built_master / s["path"]) for s in m["splits"]["Split1"]["Test"]["webdataset"]["shards"]]
     ours = {s["__key__"]: s for u in urls for s in iter_tar_samples(u)}
     theirs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
@@ -176,3 +190,44 @@ def test_webdataset_reads_our_shards(built_master):
     for s in theirs:
         np.testing.assert_array_equal(s["hr_flow.npy"], ours[s["__key__"]]["hr_flow"])
         assert s["json"]["video"] == ours[s["__key__"]]["meta"]["video"]
+
+
+def test_resume_publishes_no_file_the_manifest_does_not_list(demo_master, tmp_path, dask_client):
+    """Temporary files of writers killed mid-write (here, or on a lost dask worker) never reach the set."""
+    out = tmp_path / "set"
+    staging = tmp_path / "set.building"
+    strays = ["Split1/Validation/Validation-000004.tar.partial-15272", "Split1/Train/Train-000001.tar.partial-518",
+              "Split1/Train.zarr/hr_rgb/c/0/0.partial-14262-ab12cd", "leftover.json.partial-7-000000"]
+    for rel in strays:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(b"")
+    m = build(demo_master, dask_client, out=str(out), resume=True, formats=("webdataset",))
+    from shards.manifest import listed_files
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert on_disk == listed_files(m) and not any(".partial-" in p for p in on_disk)
+
+
+def test_verify_reports_every_file_the_manifest_does_not_list(built, dask_client):
+    from shards.verify import verify_shards
+
+    (built / "Split1" / "Test" / "Test-000001.tar.partial-99").write_bytes(b"")
+    (built / "Split1" / "Train.zarr" / "lr_rgb" / "c" / "0" / "0.partial-1-abc").write_bytes(b"x")
+    (built / "notes.txt").write_text("hello")
+    report = verify_shards(str(built), client=dask_client, progress=False)
+    assert not report["ok"]
+    assert sorted(report["problems"]) == ["Split1/Test/Test-000001.tar.partial-99: not in the manifest",
+                                          "Split1/Train.zarr/lr_rgb/c/0/0.partial-1-abc: not in the manifest",
+                                          "notes.txt: not in the manifest"]
+
+
+def test_manifest_records_each_samples_byte_range(built_master):
+    """A remote stream starting mid-shard reads just its samples' bytes: the manifest says where they are."""
+    m = load_manifest(str(built_master))
+    entry = m["splits"]["Split1"]["Test"]
+    for shard in entry["webdataset"]["shards"]:
+        data = (built_master / shard["path"]).read_bytes()
+        spans = [(s["offset"], s["bytes"]) for s in entry["samples"] if s["shard"] == os.path.basename(shard["path"])]
+        assert spans[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+        assert data[spans[-1][0] + spans[-1][1]:] == bytes(len(data) - spans[-1][0] - spans[-1][1])  # then only the end marker
+        for offset, size in spans:
+            assert data[offset + 257:offset + 262] == b"ustar"  # each range starts at a tar header

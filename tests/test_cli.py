@@ -1,17 +1,26 @@
 """elr-ingest wiring: options reach the library, errors are one line, exit codes are right."""
 
 import json
+import os
 import subprocess
 import sys
 
 from click.testing import CliRunner
 
-from ingest.cli import main
-from shards.manifest import read_manifest
+from ingest.cli import cli
+from shards.manifest import load_manifest
+
+BIN = os.path.dirname(sys.executable)  # the venv's console scripts
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def console(*args, timeout=120):
+    """The installed console script, as a user runs it."""
+    return subprocess.run([os.path.join(BIN, str(args[0])), *map(str, args[1:])], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_help_has_examples():
@@ -26,7 +35,7 @@ def test_make_demo_build_verify_info_via_scheduler(tmp_path, dask_client):
     result = run("build-shards", root, "--scheduler", dask_client.scheduler.address, "--format", "webdataset",
                  "--shard-size", "2KB", "--dtype", "float16", "-q")
     assert result.exit_code == 0, result.output
-    m = read_manifest(str(tmp_path / "HMDB51-shards"))
+    m = load_manifest(str(tmp_path / "HMDB51-shards"))
     assert m["dtype"] == "float16" and m["options"]["formats"] == ["webdataset"] and m["options"]["shard_bytes"] == 2000
     result = run("verify", tmp_path / "HMDB51-shards", "--source", root, "--scheduler",
                  dask_client.scheduler.address, "-q")
@@ -43,8 +52,29 @@ def test_errors_are_one_line_exit_1(built, tmp_path):
     assert result.output == f"Error: {tmp_path}: no Split* folders (expected e.g. {tmp_path}/Split1/Train_lr_features/<class>/<video>.npy)\n"
     result = run("verify", tmp_path)
     assert result.exit_code == 1 and result.output == f"Error: {tmp_path}/manifest.json: no manifest; not a finished shard set\n"
-    result = run("build-shards", tmp_path, "--shard-size", "lots")
-    assert result.exit_code == 1 and "invalid literal" in result.output
+
+
+def test_usage_mistakes_are_one_line_naming_the_flag(built, demo_master):
+    """The installed scripts: bad option values are refused before any work, in one line (exit 2)."""
+    cases = [
+        (("elr-ingest", "build-shards", demo_master, "--shard-size", "lots"),
+         "Error: Invalid value for '--shard-size': 'lots' is not a size (e.g. 256MB, 1.5GB, 64MiB)\n"),
+        (("elr-ingest", "build-shards", demo_master, "--shard-size", "0"),
+         "Error: Invalid value for '--shard-size': '0' must be more than 0 bytes\n"),
+        (("elr-ingest", "verify", built, "--workers", "-1"),  # hung forever at 0% before
+         "Error: Invalid value for '--dask-workers' / '--workers': -1 is not in the range x>=0.\n"),
+        (("elr-ingest", "build-shards", demo_master, "--dask-workers", "-1"),
+         "Error: Invalid value for '--dask-workers' / '--workers': -1 is not in the range x>=0.\n"),
+        (("elr-ingest", "build-shards", demo_master, "--min-shards", "0"),
+         "Error: Invalid value for '--min-shards': 0 is not in the range x>=1.\n"),
+        (("elr-eval", "run", "--shards", built, "--checkpoint", built / "manifest.json", "--out", "x", "--batch-size", "0"),
+         "Error: Invalid value for '--batch-size': 0 is not in the range x>=1.\n"),
+        (("elr-ingest", "verify", "/no/such/set"),
+         "Error: Invalid value for 'SHARDS': Directory '/no/such/set' does not exist.\n"),
+    ]
+    for args, expected in cases:
+        result = console(*args, timeout=60)
+        assert (result.returncode, result.stderr) == (2, expected), args
 
 
 def test_file_system_errors_are_one_line_naming_the_path(demo_master, tmp_path, dask_client):
@@ -52,11 +82,19 @@ def test_file_system_errors_are_one_line_naming_the_path(demo_master, tmp_path, 
     out = tmp_path / "a-file" / "shards"
     result = run("build-shards", demo_master, "--out", out, "--scheduler", dask_client.scheduler.address, "-q")
     assert result.exit_code == 1
-    assert result.output == f"Error: [Errno 20] Not a directory: '{out}.building'\n"
+    assert result.output == f"Error: {out}.building: Not a directory\n"
+
+
+def test_verify_resolves_a_relative_path_before_sending_it_to_workers(built, dask_client, monkeypatch):
+    """The cluster's workers run in another folder: they must get the full path."""
+    monkeypatch.chdir(built.parent)
+    result = run("verify", built.name, "--scheduler", dask_client.scheduler.address, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK: ")
 
 
 def test_verify_exit_code_and_problem_lines(built, dask_client):
-    m = read_manifest(str(built))
+    m = load_manifest(str(built))
     shard = m["splits"]["Split1"]["Test"]["webdataset"]["shards"][2]
     (built / shard["path"]).unlink()
     result = run("verify", built, "--scheduler", dask_client.scheduler.address, "-q")
@@ -65,6 +103,10 @@ def test_verify_exit_code_and_problem_lines(built, dask_client):
     assert result.output.splitlines()[-1].startswith("FAILED (")
 
 
-def test_console_script_installed():
-    result = subprocess.run([sys.executable, "-m", "ingest.cli", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and "0.1.0" in result.stdout
+def test_console_scripts_installed():
+    result = console("elr-ingest", "--version")
+    assert result.returncode == 0 and result.stdout == "elr-ingest, version 0.1.0\n"
+    for script, example in (("elr-eval", "elr-eval run --checkpoint runs/elr/last.pt"),
+                            ("elr-train", "elr-train --nproc 4 --shards data/HMDB51-shards")):
+        result = console(script, "--help")
+        assert result.returncode == 0 and example in result.stdout, script

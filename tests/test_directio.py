@@ -1,5 +1,6 @@
 """DirectFile: exact bytes and hashes around the staging buffer's and O_DIRECT's alignment edges."""
 
+import fcntl
 import hashlib
 import os
 
@@ -17,8 +18,14 @@ def test_pieces_are_written_exactly(tmp_path, direct):
     pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in PIECES]
     path = str(tmp_path / "f.bin")
     f = DirectFile(path, direct)
-    if not direct:
-        assert f.direct is False
+    flags = fcntl.fcntl(f.fd, fcntl.F_GETFL)
+    if direct and f.direct:  # asked and granted: the file really is open with O_DIRECT
+        assert flags & os.O_DIRECT
+    elif direct:  # asked and refused: only where the filesystem refuses O_DIRECT itself
+        with pytest.raises(OSError):
+            os.close(os.open(str(tmp_path / "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    else:
+        assert f.direct is False and not flags & os.O_DIRECT
     for p in pieces:
         f.write(p)
     f.close()

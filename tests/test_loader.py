@@ -1,18 +1,16 @@
 """Streaming loaders: equal steps per rank on uneven shards, shuffling, resume position, HTTP streaming."""
 
-import functools
-import http.server
-import threading
 from collections import Counter
 
 import numpy as np
 import torch
 import pytest
 
-from elr.data import LR, TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, input_fields, load_manifest, merge_to_device
+from elr.data import LR, TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, input_fields, merge_to_device
 from elr.data import phase_shards
+from shards.manifest import load_manifest
 from shards.tario import decode_sample, iter_raw_samples
-from shards.source import STREAMS
+from shards.schema import STREAMS
 from shards.tario import TarShardWriter
 
 
@@ -117,15 +115,8 @@ def test_bucketing_keeps_padding_small(uneven_shards):
 
 
 @pytest.fixture
-def http_root(built):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def http_root(built, http_server):
+    return http_server(built).url
 
 
 def test_streaming_from_http_equals_local(built, http_root):
@@ -133,7 +124,7 @@ def test_streaming_from_http_equals_local(built, http_root):
     assert local_m == remote_m
     local = StreamPlan(phase_shards(local_m, str(built), "Split1", ["Train"]), 2, 3)
     remote = StreamPlan(phase_shards(remote_m, http_root, "Split1", ["Train"]), 2, 3)
-    assert remote.shards[0][0].startswith("http://127.0.0.1:")
+    assert remote.shards[0].url.startswith("http://127.0.0.1:") and remote.shards[0].spans is not None
     a, b = run_rank(local, 0, 1, 0), run_rank(remote, 0, 1, 2)
     assert len(a) == len(b) == 3
     for ga, gb in zip(a, b):

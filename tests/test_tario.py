@@ -77,3 +77,22 @@ def test_mapped_samples_skip_take_and_a_rewritten_shard_is_read_again(tmp_path):
     assert as_bytes(mapped_samples(path, "c.tar")) == [{"__key__": "z", "json": b"{}"}]
     forget_mapped_shards()  # maps and tables dropped: the next read maps and parses again
     assert as_bytes(mapped_samples(path, "c.tar")) == [{"__key__": "z", "json": b"{}"}]
+
+
+def test_writer_publishes_on_a_clean_with_exit_and_leaves_nothing_on_an_error(tmp_path):
+    import numpy as np
+
+    from shards.schema import STREAMS
+    from shards.tario import TarShardWriter, iter_tar_samples
+
+    arrays = {s: np.ones((2, 4), np.float32) * i for i, s in enumerate(STREAMS)}
+    with TarShardWriter(str(tmp_path / "a.tar")) as w:
+        offset, size = w.write("k0", arrays, {"label": 0, "units": 2})
+    assert os.listdir(tmp_path) == ["a.tar"] and os.path.getsize(tmp_path / "a.tar") == 10240  # one tar record
+    assert (offset, size) == (0, 5 * 1024)  # five members, each one header block and one data block
+    assert [s["__key__"] for s in iter_tar_samples(str(tmp_path / "a.tar"))] == ["k0"]
+    with pytest.raises(RuntimeError):
+        with TarShardWriter(str(tmp_path / "b.tar")) as w:
+            w.write("k0", arrays, {"label": 0, "units": 2})
+            raise RuntimeError("the task failed")
+    assert os.listdir(tmp_path) == ["a.tar"]

@@ -3,7 +3,8 @@
 import json
 import os
 
-from shards.manifest import read_manifest, write_json_atomic
+from shards.atomic import write_json_atomic
+from shards.manifest import load_manifest
 from shards.verify import verify_shards
 
 
@@ -12,7 +13,7 @@ def verify(path, client, **kw):
 
 
 def first_shard(built, phase="Train"):
-    return read_manifest(str(built))["splits"]["Split1"][phase]["webdataset"]["shards"][0]
+    return load_manifest(str(built))["splits"]["Split1"][phase]["webdataset"]["shards"][0]
 
 
 def test_clean_set_passes_with_source(built, demo_master, dask_client):
@@ -51,7 +52,7 @@ def test_deleted_shard(built, dask_client):
 
 
 def test_sample_missing_from_manifest(built, dask_client):
-    m = read_manifest(str(built))
+    m = load_manifest(str(built))
     dropped = m["splits"]["Split1"]["Validation"]["samples"].pop(4)
     write_json_atomic(str(built / "manifest.json"), m)
     problems = verify(built, dask_client)["problems"]
@@ -60,7 +61,7 @@ def test_sample_missing_from_manifest(built, dask_client):
 
 
 def test_zarr_copy_damage(built, dask_client):
-    m = read_manifest(str(built))
+    m = load_manifest(str(built))
     z = m["splits"]["Split1"]["Test"]["zarr"]
     target = next(f for f in z["files"] if f["path"].endswith("lr_flow/c/0/0"))
     path = built / target["path"]
@@ -75,7 +76,7 @@ def test_zarr_copy_damage(built, dask_client):
 def test_source_mismatch_is_named(built, demo_tree, dask_client):
     import numpy as np
 
-    m = read_manifest(str(built))
+    m = load_manifest(str(built))
     s = m["splits"]["Split1"]["Train"]["samples"][0]
     path = demo_tree / "Split1" / "Train_lr_features" / s["class"] / f"{s['video']}.npy"
     a = np.load(path)
