@@ -1,12 +1,15 @@
-"""Training metrics: one JSON line per epoch, and a PNG of the curves."""
+"""Training metrics: one JSON line per epoch, and a PNG of the curves (both rewritten whole each epoch)."""
 
+import io
 import json
 import os
 
+from shards.atomic import atomic_write, write_text_atomic
 
-def append_metrics(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+def write_metrics(path: str, records: list) -> None:
+    """metrics.jsonl from the run's history (kept in the checkpoint, so a resumed run writes the same file)."""
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def read_metrics(path: str) -> list:
@@ -17,7 +20,7 @@ def read_metrics(path: str) -> list:
 
 
 def plot_curves(records: list, path: str) -> None:
-    """Loss and LR test accuracy per epoch (written to a temporary name, then renamed)."""
+    """Loss and LR test accuracy per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +39,13 @@ def plot_curves(records: list, path: str) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure as a PNG, written atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())

@@ -7,13 +7,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp choices -> autocast dtype
+
+
+DEVICES = ("auto", "cpu", "cuda")  # --device choices (cuda:N also accepted)
 
 
 def autocast(device_type: str, amp: str):
     """The mixed-precision context for --amp (a no-op for "off"); the classifier and loss stay float32."""
     return torch.autocast(device_type, dtype=AMP[amp]) if AMP[amp] else nullcontext()
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device this machine cannot run (before any work)."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPUs are visible")
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """--device as a torch.device: auto picks this rank's GPU when there is one, else the CPU."""
+    check_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 def normalise_units(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -72,28 +97,35 @@ class TwoStreamGRU(nn.Module):
         _, h_rgb = self.rnn1(rgb)
         _, h_flow = self.rnn2(flow)
         hidden = h_rgb.sum(0) + h_flow.sum(0)  # (2, B, H) each -> (B, H): both directions, both streams
-        # the classifier and everything after it run in float32 (the loss needs it under fp16/bf16)
-        return F.linear(hidden.float(), self.classifier.weight.float(), self.classifier.bias.float())
+        # the classifier and everything after it run in float32 (the loss needs it under fp16/bf16);
+        # autocast would cast F.linear's inputs back down, so it is off here
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.classifier.weight.float(), self.classifier.bias.float())
 
 
-def model_from_state_dict(state: dict) -> TwoStreamGRU:
+def model_from_state_dict(state: dict, path: str) -> TwoStreamGRU:
     """Build a model whose sizes are read off a seed-format state_dict, and load it."""
-    hidden = state["rnn1.weight_hh_l0"].shape[1]
-    model = TwoStreamGRU(state["rnn1.weight_ih_l0"].shape[1], hidden, state["classifier.weight"].shape[0])
-    model.load_state_dict(state)
+    try:
+        hidden = state["rnn1.weight_hh_l0"].shape[1]
+        model = TwoStreamGRU(state["rnn1.weight_ih_l0"].shape[1], hidden, state["classifier.weight"].shape[0])
+        model.load_state_dict(state)
+    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not the weights of this project's two-stream GRU ({reason})") from None
     return model
 
 
 def load_weights(path: str) -> tuple:
     """(model, classes or None) from a project checkpoint or a seed `state_dict` file; never unpickles."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" in blob:  # our checkpoint: {"model": state_dict, "classes": [...], ...}
-        return model_from_state_dict(blob["model"]), blob.get("classes")
+    blob = load_checkpoint(path)
+    if isinstance(blob.get("model"), dict):  # our checkpoint: {"model": state_dict, "classes": [...], ...}
+        return model_from_state_dict(blob["model"], path), blob.get("classes")
     if "rnn1.weight_ih_l0" in blob:  # the seed's torch.save(model.state_dict())
-        return model_from_state_dict(blob), None
-    raise ValueError(f"{path}: neither a project checkpoint nor a seed state_dict (keys: {sorted(blob)[:5]}...)")
+        return model_from_state_dict(blob, path), None
+    raise CheckpointError(f"{path}: neither a project checkpoint nor a seed state_dict "
+                          f"(keys: {', '.join(sorted(map(str, blob))[:5]) or 'none'})")
 
 
 def export_seed_state_dict(model: TwoStreamGRU, path: str) -> None:
     """Save in the seed's format: a plain state_dict with rnn1.*, rnn2.*, classifier.* keys."""
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from elr.model import TwoStreamGRU, export_seed_state_dict, normalise_units
-from shards.manifest import read_manifest
+from shards.manifest import load_manifest
 from shards.tario import iter_tar_samples
-from train.eval_cli import main
+from train.eval_cli import cli as main
 from train.evaluate import EvalError, merge, run_job, run_on_dask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def checkpoint(built_master, tmp_path_factory):
-    m = read_manifest(str(built_master))
+    m = load_manifest(str(built_master))
     torch.manual_seed(0)
     model = TwoStreamGRU(m["dim"], 16, len(m["classes"]))
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
@@ -39,7 +39,7 @@ def jobs(shards, checkpoint, out, n, **kw):
 def plain_loop_top1(shards, checkpoint):
     model = TwoStreamGRU(**{"input_size": 16, "hidden_size": 16, "num_classes": 6}).eval()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    m = read_manifest(str(shards))
+    m = load_manifest(str(shards))
     correct = total = 0
     with torch.no_grad():
         for shard in m["splits"]["Split1"]["Test"]["webdataset"]["shards"]:

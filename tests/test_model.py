@@ -97,3 +97,22 @@ def test_default_sizes_are_the_seeds():
     m = TwoStreamGRU()
     sizes = (m.rnn1.input_size, m.rnn1.hidden_size, m.rnn1.bidirectional, m.classifier.out_features)
     assert sizes == (4096, 512, True, 51)
+
+
+def test_classifier_runs_in_float32_under_bf16_autocast():
+    """--amp bf16: the GRUs may run in bf16, the classifier must not (autocast would cast F.linear down)."""
+    from elr.model import autocast
+
+    torch.manual_seed(0)
+    model = TwoStreamGRU(8, 16, 5)
+    lengths = torch.tensor([3, 5, 2])
+    units = torch.randn(int(lengths.sum()), 8)
+    hidden = {}
+    model.rnn1.register_forward_hook(lambda m, i, o: hidden.__setitem__("rnn1", o[1]))
+    model.rnn2.register_forward_hook(lambda m, i, o: hidden.__setitem__("rnn2", o[1]))
+    with autocast("cpu", "bf16"):
+        logits = model(*pack_units(lengths, units, units.clone()))
+    summed = (hidden["rnn1"].sum(0) + hidden["rnn2"].sum(0)).float()
+    expected = torch.nn.functional.linear(summed, model.classifier.weight, model.classifier.bias)  # float32, no autocast
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, expected)  # bit for bit: a bf16 matmul would round

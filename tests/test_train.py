@@ -16,7 +16,7 @@ from shards.demo import DemoConfig, make_demo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train", "ddp.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-SMALL = ["--hidden", "16", "--batch-size", "8", "--data-streams", "2", "--workers", "0", "--no-progress",
+SMALL = ["--hidden", "16", "--batch-size", "8", "--data-streams", "2", "--loader-workers", "0", "-q",
          "--test-every", "1"]
 
 
@@ -80,25 +80,29 @@ def test_refuses_to_clobber_a_run(train_shards, tmp_path):
     run([sys.executable, TRAIN, *common])
     result = subprocess.run([sys.executable, TRAIN, *common], capture_output=True, text=True, cwd=REPO, env=ENV)
     assert result.returncode == 1
-    assert f"error: {tmp_path / 'r' / 'last.pt'} exists; pass --resume to continue that run" in result.stderr
+    assert result.stderr == (f"Error: {tmp_path / 'r' / 'last.pt'} exists; pass --resume to continue that run "
+                             "or choose another --out\n")
 
 
 def test_bad_workers_value_is_refused_and_auto_picks_by_device(tmp_path):
     result = subprocess.run([sys.executable, TRAIN, "--workers", "-2", "--out", str(tmp_path / "r")],
                             capture_output=True, text=True, cwd=REPO, env=ENV)
     assert result.returncode == 2
-    assert "error: workers must be >= 0, or -1 for automatic, got -2" in result.stderr
+    assert result.stderr == "Error: --loader-workers must be >= 0, or -1 for automatic, got -2\n"
+    assert not (tmp_path / "r").exists()
     from elr.data import auto_workers
     assert (auto_workers("cpu"), auto_workers("cuda:0")) == (0, 2)
 
 
-def test_every_option_has_help():
+def test_every_option_has_help_and_elr_train_is_installed():
     from dataclasses import fields
 
-    from train.ddp import TrainConfig, field_help
-    assert set(field_help()) == {f.name for f in fields(TrainConfig)}
-    text = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=REPO, env=ENV).stdout
+    from train.ddp import TrainConfig
+    assert all(len(f.metadata["help"]) > 10 for f in fields(TrainConfig))
+    elr_train = os.path.join(os.path.dirname(sys.executable), "elr-train")
+    text = subprocess.run([elr_train, "--help"], capture_output=True, text=True, cwd=REPO, env=ENV).stdout
     assert "DataLoader worker processes per rank; -1: 2 on CUDA, 0" in text and "(default: lr+hr)" in text
+    assert "--loader-workers LOADER_WORKERS, --workers LOADER_WORKERS" in text and "--quiet, -q" in text
 
 
 def wait_for_step(out, at_least, proc, timeout=120):
@@ -129,7 +133,12 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_p
     run([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--resume"])
     assert_same_weights(weights(out), weights(tmp_path / "clean"))
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [m["epoch"] for m in metrics][-1] == 3 and os.path.exists(os.path.join(out, "curves.png"))
+    clean = [json.loads(line) for line in open(tmp_path / "clean" / "metrics.jsonl")]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and os.path.exists(os.path.join(out, "curves.png"))
+    for got, want in zip(metrics, clean):  # the killed epoch reports what the uninterrupted one did
+        assert got["step"] == want["step"] and got["padding"] == want["padding"], (got, want)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), (got, want)
+        assert got["test_acc"] == want["test_acc"]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "python"])
@@ -163,8 +172,8 @@ def demo_shards(tmp_path, dask_client, **demo):
 def train_acc(shards, out, **kw):
     from train.ddp import TrainConfig, train
 
-    cfg = TrainConfig(shards=shards, out=str(out), hidden=32, batch_size=16, data_streams=2, lr=3e-3, workers=0,
-                      progress=False, **kw)
+    cfg = TrainConfig(shards=shards, out=str(out), hidden=32, batch_size=16, data_streams=2, lr=3e-3, loader_workers=0,
+                      quiet=True, **kw)
     cfg.test_every = cfg.epochs
     return train(cfg)["test_acc"]
 
@@ -173,7 +182,7 @@ def order_blind_acc(shards):
     """Nearest class centroid of mean-pooled, normalised LR+HR features: blind to the order of units."""
     import numpy as np
 
-    from elr.data import load_manifest
+    from shards.manifest import load_manifest
     from shards.tario import iter_tar_samples
 
     m = load_manifest(shards)

@@ -1,21 +1,25 @@
 """Train the coupled two-stream GRU on eLR shards: DDP on any number of processes, mixed precision, resumable.
 
-    torchrun --nproc-per-node 4 train/ddp.py --shards data/HMDB51-shards
-    torchrun train/ddp.py --nprocs 4           # starts 4 local workers itself (or: torchrun train/ddp.py -- --nproc 4)
-    python train/ddp.py --nproc 2 --epochs 5   # same, without torchrun
+examples:
+  elr-train --shards data/HMDB51-shards --out runs/elr        # one process (the same: python train/ddp.py ...)
+  elr-train --nproc 4 --shards data/HMDB51-shards             # starts 4 local DDP workers itself
+  torchrun --nproc-per-node 4 train/ddp.py --shards s3://bucket/HMDB51-shards
+  torchrun train/ddp.py --nprocs 4                            # (torchrun itself rejects a bare --nproc)
+  elr-train --out runs/elr --resume                           # continue a killed run, mid-epoch
 
 Defaults mirror the seed: RMSprop, lr 1e-3, global batch 256 sequences, 50 epochs, training on Train
 and Validation (every video as an LR and an HR sequence through the same weights), testing on Test LR.
 """
 
 import argparse
-import inspect
 import json
+import math
 import os
-import re
+import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -23,76 +27,105 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
+try:
+    from elr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, batches
+    from elr.data import input_fields, padded_units, phase_samples, phase_shards
+    from elr.metrics import plot_curves, write_metrics
+    from elr.model import AMP, DEVICES, TwoStreamGRU, autocast, check_device, export_seed_state_dict, model_inputs
+    from elr.model import resolve_device
+    from shards import remote
+    from shards.cli import error_text
+    from shards.errors import ELRError, ShardCorruptError
+    from shards.manifest import load_manifest, manifest_digest
+    from shards.memory import keep_freed_memory
+    from shards.schema import LR
+except ModuleNotFoundError as e:  # run from a checkout that was never installed
+    sys.exit(f"Error: cannot import {e.name!r}: install the project first (bash scripts/setup.sh, or pip install -e .)")
 
-from elr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from elr.data import LR, TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers  # noqa: E402
-from elr.data import input_fields, iter_eval_batches, load_manifest, padding_fraction, phase_shards  # noqa: E402
-from elr.metrics import append_metrics, plot_curves, read_metrics  # noqa: E402
-from elr.model import AMP, TwoStreamGRU, autocast, export_seed_state_dict, model_inputs  # noqa: E402
-from shards.memory import keep_freed_memory  # noqa: E402
+
+def option(default, help: str, *flags: str):
+    """A config field with its --help text (and extra flag spellings)."""
+    return field(default=default, metadata={"help": help, "flags": flags})
 
 
 @dataclass
 class TrainConfig:
-    shards: str = "data/HMDB51-shards"  # shard set: a folder or an http(s) URL
-    split: str = "Split1"  # which Split* of the shard set
-    out: str = "runs/elr"  # checkpoints, metrics.jsonl, curves.png
-    epochs: int = 50  # as the seed
-    batch_size: int = 256  # global sequences per step; with lr+hr each video gives two
-    lr: float = 1e-3  # RMSprop, as the seed
-    hidden: int = 512  # GRU hidden size, as the seed
-    train_on: str = "lr+hr"  # lr+hr (coupled, the paper), lr or hr
-    amp: str = "off"  # bf16 | fp16 | off
-    test_every: int = 5  # test on Test LR every N epochs, and after the last
-    data_streams: int = 8  # virtual data streams; a multiple of the number of processes
-    shuffle_buffer: int = 256  # videos per length-bucketing shuffle window
-    workers: int = -1  # DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (the cores compute there)
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    max_steps: int = 0  # stop after N steps in all (0: no limit); for smoke tests and benchmarks
-    seed: int = 0  # initial weights and the data order of every epoch
-    device: str = "auto"  # auto | cpu | cuda
-    resume: bool = False  # continue from <out>/last.pt
-    export_seed: bool = False  # also write the seed's state_dict-epoch-N.pth at test epochs
-    progress: bool = True  # a progress bar on rank 0
-    nproc: int = 1  # start this many local workers (when not already launched by torchrun with more)
-    max_restarts: int = 0  # with --nproc: restart failed workers from the last checkpoint
+    shards: str = option("data/HMDB51-shards", "shard set: a folder or any fsspec URL (http(s)://, s3://, gs://)")
+    split: str = option("Split1", "which Split* of the shard set")
+    out: str = option("runs/elr", "run folder: last.pt, metrics.jsonl, curves.png")
+    epochs: int = option(50, "epochs in all (a resumed run may raise it), as the seed")
+    batch_size: int = option(256, "global sequences per step; with lr+hr each video gives two")
+    lr: float = option(1e-3, "RMSprop learning rate, as the seed")
+    hidden: int = option(512, "GRU hidden size, as the seed")
+    train_on: str = option("lr+hr", "lr+hr (coupled, the paper), lr or hr")
+    amp: str = option("off", "mixed precision of the GRUs: bf16 | fp16 | off (the classifier stays float32)")
+    test_every: int = option(5, "test on Test LR every N epochs, and after the last")
+    data_streams: int = option(8, "virtual data streams; a multiple of the number of processes")
+    shuffle_buffer: int = option(256, "videos per length-bucketing shuffle window")
+    loader_workers: int = option(-1, "DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (the cores "
+                                 "compute there)", "--workers")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: at epoch ends only)")
+    max_steps: int = option(0, "stop after N steps in all (0: no limit); for smoke tests and benchmarks")
+    seed: int = option(0, "initial weights and the data order of every epoch")
+    device: str = option("auto", f"{' | '.join(DEVICES)} (or cuda:N); auto takes a GPU when there is one")
+    resume: bool = option(False, "continue the run in --out from its last.pt (same shard set and options)")
+    export_seed: bool = option(False, "also write the seed's state_dict-epoch-N.pth at test epochs")
+    quiet: bool = option(False, "no progress bar", "-q")
+    nproc: int = option(1, "start this many local workers (when not already launched by torchrun with more)",
+                        "--nprocs")
+    max_restarts: int = option(0, "with --nproc: restart failed workers from the last checkpoint")
 
     def __post_init__(self):
-        if self.train_on not in TRAIN_INPUTS:
-            raise ValueError(f"train_on must be one of {sorted(TRAIN_INPUTS)}, got {self.train_on!r}")
-        if self.workers < -1:
-            raise ValueError(f"workers must be >= 0, or -1 for automatic, got {self.workers}")
-        if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {sorted(AMP)}, got {self.amp!r}")
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("epochs", "batch_size", "hidden", "test_every", "data_streams", "shuffle_buffer", "nproc"):
+            need(getattr(self, name) >= 1, f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "max_steps", "max_restarts"):
+            need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        need(self.loader_workers >= -1, f"--loader-workers must be >= 0, or -1 for automatic, got {self.loader_workers}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        need(self.train_on in TRAIN_INPUTS, f"--train-on must be one of {', '.join(TRAIN_INPUTS)}, got {self.train_on!r}")
+        need(self.amp in AMP, f"--amp must be one of {', '.join(AMP)}, got {self.amp!r}")
+        need(bool(self.shards) and bool(self.out) and bool(self.split), "--shards, --out and --split must not be empty")
+        check_device(self.device)
         per_video = len(TRAIN_INPUTS[self.train_on]["rgb"])
-        if self.batch_size % (per_video * self.data_streams):
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of data_streams x sequences per "
-                             f"video ({self.data_streams} x {per_video})")
+        need(self.batch_size % (per_video * self.data_streams) == 0,
+             f"--batch-size ({self.batch_size}) must be a multiple of --data-streams x sequences per video "
+             f"({self.data_streams} x {per_video})")
+        need(self.data_streams % self.nproc == 0,
+             f"--data-streams ({self.data_streams}) must be a multiple of --nproc ({self.nproc})")
 
     @property
     def micro_batch(self) -> int:
         return self.batch_size // len(TRAIN_INPUTS[self.train_on]["rgb"]) // self.data_streams
 
 
-def field_help() -> dict:
-    """Each TrainConfig field's trailing comment: the config and --help share one text."""
-    return dict(re.findall(r"^ +(\w+): \w+ = .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
+# Options that shape the weights: a resumed run must have the same ones as the run it continues.
+TRAJECTORY = ("split", "batch_size", "lr", "hidden", "train_on", "amp", "data_streams", "shuffle_buffer", "seed")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every entry point answers a mistake
+        self.exit(2, f"Error: {message}\n")
 
 
 def parse_args(argv=None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help()
+    ap = _Parser(prog="elr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flags = ["--" + f.name.replace("_", "-")]
-        if f.name == "nproc":  # torchrun's own parser rejects `--nproc` (an abbreviation of its --nproc-per-node)
-            flags.append("--nprocs")  # but passes `--nprocs`, and `-- --nproc N`
-        text = f"{helps.get(f.name, '')} (default: %(default)s)".strip()
+        names = ["--" + flag(f.name), *f.metadata["flags"]]
         if f.type is bool or isinstance(f.default, bool):
-            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                            help=helps.get(f.name))
+            action = "store_true" if f.name == "quiet" else argparse.BooleanOptionalAction
+            ap.add_argument(*names, dest=f.name, action=action, default=f.default, help=f.metadata["help"])
         else:
-            ap.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=text)
+            ap.add_argument(*names, dest=f.name, type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: %(default)s)")
     try:
         return TrainConfig(**vars(ap.parse_args(argv)))
     except ValueError as e:
@@ -103,32 +136,29 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evaluate(model, shards, rank, world, device, ctx, batch=64) -> tuple:
-    """(correct, total) on LR sequences of the test shards, summed over ranks."""
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for b in iter_eval_batches(shards, rank, world, LR, batch):
-            with ctx:
-                logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(device), b["lr_flow"].to(device)))
-            correct += int((logits.argmax(1).cpu() == b["labels"]).sum())
-            total += len(b["labels"])
-    model.train()
-    counts = torch.tensor([correct, total], dtype=torch.int64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
-    return int(counts[0]), int(counts[1])
+# ---- setup ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict:
-    # ---- setup: rank, device, precision
+@dataclass
+class Setup:
+    rank: int
+    world: int
+    device: torch.device
+    restart: int  # torchelastic restart round (0: the first)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_process(cfg: TrainConfig) -> Setup:
+    """Rank, device and process group, from the environment torchrun (or launch_local) sets."""
     keep_freed_memory()  # every step's batches reuse memory (and loader workers forked from here)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    loader_workers = cfg.workers if cfg.workers >= 0 else auto_workers(device)
-    if use_cuda:
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.data_streams % world:
+        raise ValueError(f"--data-streams ({cfg.data_streams}) must be a multiple of the number of processes ({world})")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -137,140 +167,365 @@ def train(cfg: TrainConfig) -> dict:
         # After a restart the workers share the launcher's store with the dead round's keys: a prefix
         # per round keeps a rank from connecting to a peer address of the previous round.
         store, _, _ = next(dist.rendezvous("env://"))
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"elr-round-{restart}", store),
-                                rank=rank, world_size=world)
-    master = rank == 0
-    ctx = autocast(device.type, cfg.amp)
-    restarted = restart > 0
-    last_path = os.path.join(cfg.out, "last.pt")
-    resume = (cfg.resume or restarted) and os.path.exists(last_path)
-    if master and not resume and os.path.exists(last_path):
-        raise SystemExit(f"error: {last_path} exists; pass --resume to continue that run or choose another --out")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"elr-round-{restart}", store), rank=rank, world_size=world)
+    return Setup(rank, world, device, restart)
+
+
+def preflight(cfg: TrainConfig) -> dict:
+    """Everything a user can get wrong, checked before any work: the shard set, its split, its shards,
+    the run folder. Returns the manifest."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ELRError(f"--out {cfg.out}: is a file, not a folder")
+    manifest = load_manifest(cfg.shards)
+    try:  # now, not at the first checkpoint an epoch later (an empty folder is removed if the run fails)
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise ELRError(f"--out {cfg.out}: cannot create the run folder ({e.strerror})") from None
+    if cfg.split not in manifest["splits"]:
+        raise ELRError(f"--split {cfg.split}: not in the shard set {cfg.shards} (it has {', '.join(manifest['splits'])})")
+    phases = manifest["splits"][cfg.split]
+    missing = [p for p in ("Train", "Test") if p not in phases or "webdataset" not in phases[p]]
+    if missing:
+        raise ELRError(f"--shards {cfg.shards}: {cfg.split} has no tar shards for {', '.join(missing)}")
+    if not remote.is_url(cfg.shards):
+        for shard in phase_shards(manifest, cfg.shards, cfg.split, train_phases(manifest, cfg) + ["Test"]):
+            expected = _shard_bytes(manifest, cfg.split, shard.url)
+            if not os.path.isfile(shard.url):
+                raise ShardCorruptError(f"{shard.url}: missing (the manifest lists it; run elr-ingest verify)")
+            if os.path.getsize(shard.url) != expected:
+                raise ShardCorruptError(f"{shard.url}: {os.path.getsize(shard.url)} bytes, the manifest says "
+                                        f"{expected} (truncated or replaced; run elr-ingest verify)")
+    return manifest
+
+
+def train_phases(manifest: dict, cfg: TrainConfig) -> list:
+    """Train and Validation, as the seed trains (Validation where the set has one)."""
+    return [p for p in ("Train", "Validation") if p in manifest["splits"][cfg.split]]
+
+
+def _shard_bytes(manifest: dict, split: str, path: str) -> int:
+    for entry in manifest["splits"][split].values():
+        for s in entry.get("webdataset", {}).get("shards", []):
+            if path.endswith(s["path"]):
+                return s["bytes"]
+    raise AssertionError(path)
+
+
+def launch_id() -> str:
+    """Identifies one launch across its restart rounds: torchrun's --rdzv-id, else the launcher process."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return run_id if run_id != "none" else f"{socket.gethostname()}:{os.getppid()}"
+
+
+def resume_decision(cfg: TrainConfig, digest: str, restart: int) -> tuple:
+    """("fresh" | "resume", message or None) for this run folder; a mismatch raises CheckpointError.
+
+    A run restarted by --max-restarts resumes only the checkpoint its own launch wrote."""
+    path = os.path.join(cfg.out, "last.pt")
+    if not os.path.exists(path):
+        return "fresh", (f"--resume: no {path} yet; starting a new run" if cfg.resume else None)
+    if not cfg.resume and restart == 0:
+        raise CheckpointError(f"{path} exists; pass --resume to continue that run or choose another --out")
+    state = load_checkpoint(path)
+    missing = [k for k in ("model", "run", "manifest_sha256", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a train/ddp.py checkpoint of this version (no {', '.join(missing)})")
+    if not cfg.resume and state["run"]["launch"] != launch_id():
+        raise CheckpointError(f"{path} belongs to another run ({state['run']['id']}); pass --resume to continue "
+                              "it or choose another --out")
+    if state["manifest_sha256"] != digest:
+        raise CheckpointError(f"--resume: {path} was trained on another shard set (manifest sha256 "
+                              f"{state['manifest_sha256'][:12]}, --shards {cfg.shards} has {digest[:12]})")
+    old, new = state["config"], asdict(cfg)
+    differs = [k for k in TRAJECTORY if old.get(k) != new[k]]
+    if differs:
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old.get(k)}" for k in differs)
+                              + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
+                              + " (use the same options, or another --out)")
+    return "resume", None
+
+
+def agree(setup: Setup, decide):
+    """Rank 0 calls decide(); every rank gets its result, or raises the same error."""
+    outcome = [None]
+    if setup.master:
+        try:
+            outcome = [("ok", decide())]
+        except ELRError as e:
+            outcome = [("error", type(e), str(e))]
+    if setup.world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0][0] == "error":
+        raise outcome[0][1](outcome[0][2])
+    return outcome[0][1]
+
+
+# ---- one epoch --------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    """An epoch's accumulators; checkpointed mid-epoch, so a resumed epoch reports the uninterrupted metrics."""
+    loss_sum: float = 0.0  # sum of loss x sequences, over all ranks (summed at checkpoints and epoch ends)
+    real_units: float = 0.0  # units of the steps' videos, over all ranks
+    padded_units: float = 0.0  # units the same micro-batches padded to their longest video would hold
+    seqs: int = 0  # sequences of this rank
+    steps: int = 0
+    wait: float = 0.0
+    elapsed: float = 0.0
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    setup: Setup
+    model: TwoStreamGRU
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: ShardStream
+    manifest: dict
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    run: dict = field(default_factory=dict)
+
+    def state(self, epoch: int, step: int, stats: EpochStats) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "global_step": self.global_step,
+                "rng": torch.get_rng_state(), "config": asdict(self.cfg), "classes": self.manifest["classes"],
+                "run": self.run, "manifest_sha256": manifest_digest(self.manifest), "stats": asdict(stats),
+                "history": self.history}
+
+    def checkpoint(self, epoch: int, step: int, stats: EpochStats) -> None:
+        if self.setup.master:
+            save_checkpoint(os.path.join(self.cfg.out, "last.pt"), self.state(epoch, step, stats))
+
+    def train_epoch(self, epoch: int, start_step: int, stats: EpochStats) -> tuple:
+        """Steps start_step.. of `epoch`; returns (stats, whether --max-steps stopped the run).
+
+        stats.steps counts the epoch's steps, those before a resume included."""
+        cfg, setup, inputs = self.cfg, self.setup, TRAIN_INPUTS[self.cfg.train_on]
+        self.dataset.set_position(epoch, start_step)
+        steps = StepLoader(self.dataset, self.loader_workers, pin_memory=setup.device.type == "cuda")
+        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                   disable=cfg.quiet or not setup.master)
+        ctx = autocast(setup.device.type, cfg.amp)
+        # loss x sequences, real units, padded units since the last fold; on the device: no sync per step
+        sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
+        t0 = t_fetch = time.perf_counter()
+        stopped = False
+        for group, batch in DevicePrefetcher(steps, inputs, setup.device):
+            stats.wait += time.perf_counter() - t_fetch
+            with ctx:  # the merged batch is this step's own: normalised in place
+                logits = self.ddp_model(*model_inputs(batch["lengths"], batch["rgb"], batch["flow"]))
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            n, step = len(batch["labels"]), group[0]["step"]
+            sums[0] += loss.detach() * n
+            real, padded = padded_units(group)
+            sums[1] += real
+            sums[2] += padded
+            stats.seqs, stats.steps = stats.seqs + n, stats.steps + 1
+            bar.update(1)
+            if stats.steps % 10 == 0 and not bar.disable:  # one loss.item() per log interval
+                bar.set_postfix(loss=f"{loss.item():.3f}", seq_s=f"{stats.seqs * setup.world / (time.perf_counter() - t0):.0f}")
+            stopped = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
+            if stopped or (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0):
+                self._fold(stats, sums, t0)
+                sums.zero_()
+                t0 = time.perf_counter()
+                if step + 1 < self.dataset.plan.steps_per_epoch:
+                    self.checkpoint(epoch, step + 1, stats)
+            if stopped:
+                break
+            t_fetch = time.perf_counter()
+        bar.close()
+        self._fold(stats, sums, t0)
+        return stats, stopped
+
+    def _fold(self, stats: EpochStats, sums: torch.Tensor, t0: float) -> None:
+        """Add the steps since the last fold to the stats, summed over ranks (one all-reduce)."""
+        if self.setup.world > 1:
+            dist.all_reduce(sums)
+        loss_sum, real, padded = sums.tolist()
+        stats.loss_sum, stats.real_units, stats.padded_units = (stats.loss_sum + loss_sum, stats.real_units + real,
+                                                                stats.padded_units + padded)
+        stats.elapsed += time.perf_counter() - t0
+
+    @property
+    def loader_workers(self) -> int:
+        return self.cfg.loader_workers if self.cfg.loader_workers >= 0 else auto_workers(self.setup.device)
+
+    def evaluate(self) -> float:
+        """LR top-1 accuracy on the test phase, each rank scoring every world-th shard."""
+        setup, model = self.setup, self.model
+        ctx = autocast(setup.device.type, self.cfg.amp)
+        counts = torch.zeros(2, dtype=torch.int64, device=setup.device)  # correct, total
+        model.eval()
+        with torch.no_grad():
+            samples = phase_samples(self.manifest, self.cfg.shards, self.cfg.split, "Test", setup.rank, setup.world,
+                                    LR, fmt="webdataset")
+            for b in batches(samples, LR, 64):
+                with ctx:
+                    logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(setup.device), b["lr_flow"].to(setup.device)))
+                counts[0] += (logits.argmax(1) == b["labels"].to(setup.device)).sum()
+                counts[1] += len(b["labels"])
+        model.train()
+        if setup.world > 1:
+            dist.all_reduce(counts)
+        return int(counts[0]) / int(counts[1])
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict:
+    """One process's part of a run (rank and world size from the environment); returns the last epoch's record."""
+    manifest = preflight(cfg)
+    setup = setup_process(cfg)
+    digest = manifest_digest(manifest)
+    action, message = agree(setup, lambda: resume_decision(cfg, digest, setup.restart))
+    if message and setup.master:
+        log(message)
 
     # ---- data: one plan for every rank, from the manifest alone
-    manifest = load_manifest(cfg.shards)
     classes, dim = manifest["classes"], manifest["dim"]
-    train_shards = phase_shards(manifest, cfg.shards, cfg.split, ("Train", "Validation"))
-    test_shards = phase_shards(manifest, cfg.shards, cfg.split, ("Test",))
-    plan = StreamPlan(train_shards, cfg.data_streams, cfg.micro_batch)
-    inputs = TRAIN_INPUTS[cfg.train_on]
-    fields_needed = input_fields(inputs)
-    dataset = ShardStream(plan, rank, world, fields_needed, cfg.seed, cfg.shuffle_buffer)
+    plan = StreamPlan(phase_shards(manifest, cfg.shards, cfg.split, train_phases(manifest, cfg)),
+                      cfg.data_streams, cfg.micro_batch)
+    dataset = ShardStream(plan, setup.rank, setup.world, input_fields(TRAIN_INPUTS[cfg.train_on]), cfg.seed,
+                          cfg.shuffle_buffer)
 
     # ---- model and optimiser (same seed on every rank; DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
-    model = TwoStreamGRU(dim, cfg.hidden, len(classes)).to(device)
-    ddp_model = DDP(model, device_ids=[device.index] if use_cuda else None) if world > 1 else model
+    model = TwoStreamGRU(dim, cfg.hidden, len(classes)).to(setup.device)
+    ddp_model = model
+    if setup.world > 1:
+        ddp_model = DDP(model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start_epoch, start_step, global_step = 0, 0, 0
-    if resume:
-        state = load_checkpoint(last_path)
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=cfg.amp == "fp16")
+    trainer = Trainer(cfg, setup, model, ddp_model, optimizer, scaler, dataset, manifest)
+    start_epoch, start_step, stats = 0, 0, EpochStats()
+    if action == "resume":
+        state = load_checkpoint(os.path.join(cfg.out, "last.pt"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-    if master:
-        resolved = {**asdict(cfg), "world_size": world, "device": str(device), "classes": len(classes), "dim": dim,
-                    "train_videos": plan.n_samples, "steps_per_epoch": plan.steps_per_epoch,
-                    "micro_batch": cfg.micro_batch, "loader_workers": loader_workers,
-                    "resumed_at": [start_epoch, start_step] if resume else None}
+        start_epoch, start_step, trainer.global_step = state["epoch"], state["step"], state["global_step"]
+        stats, trainer.history, trainer.run = EpochStats(**state["stats"]), state["history"], state["run"]
+    else:
+        trainer.run = agree(setup, lambda: {"id": uuid.uuid4().hex[:12], "launch": launch_id()})
+    if setup.master:
+        resolved = {**asdict(cfg), "world_size": setup.world, "device": str(setup.device), "classes": len(classes),
+                    "dim": dim, "train_videos": plan.n_samples, "steps_per_epoch": plan.steps_per_epoch,
+                    "micro_batch": cfg.micro_batch, "loader_workers": trainer.loader_workers, "run": trainer.run["id"],
+                    "resumed_at": [start_epoch, start_step] if action == "resume" else None}
         log("config " + json.dumps(resolved, sort_keys=True))
-        os.makedirs(cfg.out, exist_ok=True)
 
-    def checkpoint(epoch, step, name="last.pt"):
-        if master:
-            save_checkpoint(os.path.join(cfg.out, name), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "global_step": global_step, "rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(asdict(cfg))), "classes": classes})
-
-    # ---- loop
-    result = {"test_acc": None}
+    record = trainer.history[-1] if trainer.history else {"test_acc": None}
     for epoch in range(start_epoch, cfg.epochs):
-        dataset.set_position(epoch, start_step if epoch == start_epoch else 0)
-        steps = StepLoader(dataset, loader_workers, pin_memory=use_cuda)
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
-                   file=sys.stderr, leave=False)
-        loss_sum, seqs, pad_sum, n_steps, wait, t0 = 0.0, 0, 0.0, 0, 0.0, time.perf_counter()
-        t_fetch = time.perf_counter()
-        stopped = False
-        for group, batch in DevicePrefetcher(steps, inputs, device):
-            wait += time.perf_counter() - t_fetch
-            step = group[0]["step"]
-            lengths, labels = batch["lengths"], batch["labels"]
-            with ctx:  # the merged batch is this step's own: normalised in place
-                logits = ddp_model(*model_inputs(lengths, batch["rgb"], batch["flow"]))
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            loss_sum, seqs, n_steps = loss_sum + loss.item() * len(labels), seqs + len(labels), n_steps + 1
-            pad_sum += padding_fraction(group)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", seq_s=f"{seqs * world / (time.perf_counter() - t0):.0f}")
-            if cfg.max_steps and global_step >= cfg.max_steps:
-                stopped = True
-                break
-            t_fetch = time.perf_counter()
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        if stopped and step + 1 < plan.steps_per_epoch:
-            checkpoint(epoch, step + 1)
-            break
-        checkpoint(epoch + 1, 0)
-        record = {"epoch": epoch + 1, "step": global_step, "train_loss": loss_sum / max(seqs, 1),
-                  "samples_per_s": seqs * world / elapsed, "padding": pad_sum / max(n_steps, 1),
-                  "data_wait": wait / elapsed, "test_acc": None, "chance": 1 / len(classes)}
-        if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs:
-            correct, total = evaluate(model, test_shards, rank, world, device, ctx)
-            record["test_acc"] = result["test_acc"] = correct / total
-            if cfg.export_seed and master:
+        stats, stopped = trainer.train_epoch(epoch, start_step, stats)
+        if stats.steps < plan.steps_per_epoch:
+            break  # --max-steps stopped it mid-epoch: checkpointed where it stopped
+        record = epoch_record(cfg, epoch, trainer, stats)
+        if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs or stopped:  # and the run's last epoch
+            record["test_acc"] = trainer.evaluate()
+            if cfg.export_seed and setup.master:
                 export_seed_state_dict(model, os.path.join(cfg.out, f"state_dict-epoch-{epoch + 1}.pth"))
-        if master:
-            append_metrics(os.path.join(cfg.out, "metrics.jsonl"), record)
-            plot_curves(read_metrics(os.path.join(cfg.out, "metrics.jsonl")), os.path.join(cfg.out, "curves.png"))
+        trainer.history.append(record)
+        start_step, stats = 0, EpochStats()
+        trainer.checkpoint(epoch + 1, 0, stats)
+        if setup.master:
+            write_metrics(os.path.join(cfg.out, "metrics.jsonl"), trainer.history)
+            plot_curves(trainer.history, os.path.join(cfg.out, "curves.png"))
             acc = "" if record["test_acc"] is None else f"  LR test acc {100 * record['test_acc']:.1f}%"
             log(f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {record['samples_per_s']:.0f} seq/s  "
                 f"padding {100 * record['padding']:.1f}%  data wait {100 * record['data_wait']:.1f}%{acc}")
-        result.update(record)
-    if world > 1:
+        if stopped:
+            break
+    if setup.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return result
+    return record
+
+
+def epoch_record(cfg: TrainConfig, epoch: int, trainer: Trainer, stats: EpochStats) -> dict:
+    world = trainer.setup.world
+    return {"epoch": epoch + 1, "step": trainer.global_step, "train_loss": stats.loss_sum / max(stats.seqs * world, 1),
+            "samples_per_s": stats.seqs * world / max(stats.elapsed, 1e-9),
+            "padding": 1 - stats.real_units / max(stats.padded_units, 1),
+            "data_wait": stats.wait / max(stats.elapsed, 1e-9), "test_acc": None,
+            "chance": 1 / len(trainer.manifest["classes"])}
+
+
+# ---- launching and the error boundary ---------------------------------------------------------
+
+
+def fail(message: str, code: int = 1):
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_reporting_errors(cfg: TrainConfig, fn):
+    """fn(cfg), with a user's mistake (bad input, a full disk, an unreachable URL) as one `Error:` line and
+    exit status 1; a folder this run created and left empty is removed."""
+    created = not os.path.exists(cfg.out)
+    try:
+        return fn(cfg)
+    except (ELRError, ValueError, OSError) as e:
+        message = error_text(e)
+    except dist.DistError:  # a collective broke: another rank failed (and printed why)
+        message = f"rank {os.environ.get('RANK', 0)}: stopped because another process of the run failed"
+    except KeyboardInterrupt:
+        message = "interrupted"
+    if created and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+        os.rmdir(cfg.out)
+    fail(message)
 
 
 def _worker(config: dict):
-    return train(TrainConfig(**config))
+    return run_reporting_errors(TrainConfig(**config), train)
 
 
 def launch_local(cfg: TrainConfig):
     """Start cfg.nproc workers on this machine with torch's elastic launcher (what torchrun uses)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    resume_decision(cfg, manifest_digest(preflight(cfg)), restart=0)  # a mistake is reported once, here
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
                 "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"):
         os.environ.pop(var, None)  # a torchrun parent's own single-process values must not leak into the workers
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"elr-{os.getpid()}",
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # workers print their own errors
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"elr-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.max_restarts,
                           monitor_interval=0.2, start_method="spawn")
-    config = asdict(cfg) | {"nproc": 1}
-    results = elastic_launch(launch, _worker)(config)
+    try:
+        results = elastic_launch(launch, _worker)(asdict(cfg))
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {1}:
+            sys.exit(1)  # each failed worker printed its Error line
+        rank, failure = min(e.failures.items())
+        fail(f"training process of rank {rank} died ({failure.signal_name() if failure.exitcode < 0 else f'exit code {failure.exitcode}'})")
     return results[0]
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        result = launch_local(cfg)
+        result = run_reporting_errors(cfg, launch_local)
     else:
-        result = train(cfg)
+        result = run_reporting_errors(cfg, train)
     if int(os.environ.get("RANK", 0)) == 0 and result.get("test_acc") is not None:
         print(json.dumps({"test_acc": result["test_acc"], "epoch": result.get("epoch")}))
 

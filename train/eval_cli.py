@@ -5,13 +5,13 @@ import os
 
 import click
 
-from ingest.errors import call
+from shards.cli import call, run_command_line
 from train.evaluate import job_index_from_env, merge, run_job, run_on_dask
 from train.report import format_table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main():
+def cli():
     """Sharded evaluation of eLR checkpoints (LR test streams only).
 
     \b
@@ -23,20 +23,23 @@ def main():
     """
 
 
-@main.command("run")
-@click.option("--shards", default="data/HMDB51-shards", show_default=True, help="Shard set folder or http(s) URL.")
+@cli.command("run")
+@click.option("--shards", default="data/HMDB51-shards", show_default=True,
+              help="Shard set: a folder or any fsspec URL (http(s)://, s3://...).")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A train/ddp.py checkpoint or a seed state_dict (.pth).")
-@click.option("--num-jobs", default=1, show_default=True, help="How many jobs share the test phase.")
-@click.option("--job-index", type=int, help="This job [default: $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX, or 0].")
+@click.option("--num-jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="How many jobs share the test phase.")
+@click.option("--job-index", type=click.IntRange(min=0),
+              help="This job [default: $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX, or 0].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the parts and reports.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["auto", "zarr", "webdataset"]), default="auto", show_default=True,
               help="Read the Zarr copy (LR arrays only) or the tar shards; auto prefers Zarr.")
 @click.option("--split", default="Split1", show_default=True)
 @click.option("--phase", default="Test", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--scheduler", help="Run every job as a task on this dask scheduler, then merge.")
 def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, split, phase, batch_size, scheduler):
     """Score one job's slice of the test phase and write its part (re-running replaces it).
@@ -79,7 +82,7 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
         click.echo(format_table(call(merge, out, shards), out))
 
 
-@main.command("merge")
+@cli.command("merge")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--shards", help="The shard set [default: the one the parts name].")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
@@ -93,6 +96,10 @@ def merge_cmd(folder, shards, as_json):
     """
     scores = call(merge, folder, shards)
     click.echo(json.dumps(scores, indent=1) if as_json else format_table(scores, folder))
+
+
+def main(argv=None):
+    run_command_line(cli, argv)
 
 
 if __name__ == "__main__":

@@ -6,28 +6,23 @@ the manifest's digests), written under a temporary name and renamed, so a re-run
 
 import functools
 import glob
-import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 
-from elr.data import LR, collate, iter_eval_batches, load_manifest, phase_shards
-from elr.model import autocast, load_weights, model_inputs
+from elr.data import batches, phase_samples
+from elr.model import autocast, load_weights, model_inputs, resolve_device
+from shards.atomic import atomic_write
 from shards.errors import ELRError
-from shards.manifest import file_sha256
+from shards.manifest import file_sha256, load_manifest, manifest_digest
 from shards.memory import keep_freed_memory
-from shards.zarrio import ZarrPhaseReader
+from shards.schema import LR
 
 
 class EvalError(ELRError):
     """A part set that cannot be merged, or a checkpoint that does not fit the shard set."""
-
-
-def manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def part_path(out: str, job: int, num_jobs: int) -> str:
@@ -42,48 +37,28 @@ def job_index_from_env() -> int | None:
     return None
 
 
-def _slice(n: int, job: int, num_jobs: int) -> tuple:
-    return n * job // num_jobs, n * (job + 1) // num_jobs
-
-
-def _batches(manifest, shards, split, phase, job, num_jobs, fmt, batch):
-    """LR batches of this job's slice: a contiguous sample range from Zarr, or every num_jobs-th tar shard."""
-    entry = manifest["splits"].get(split, {}).get(phase)
-    if entry is None:
-        raise EvalError(f"{shards}: no phase {split}/{phase} in the shard set")
-    use_zarr = fmt == "zarr" or (fmt == "auto" and "zarr" in entry and not shards.startswith(("http://", "https://")))
-    if use_zarr:
-        if "zarr" not in entry:
-            raise EvalError(f"{shards}: {split}/{phase} has no Zarr copy (built with --format webdataset)")
-        reader = ZarrPhaseReader(os.path.join(shards, entry["zarr"]["path"]))
-        first, last = _slice(len(reader), job, num_jobs)
-        for lo in range(first, last, batch):
-            samples = [{"__key__": s["__key__"], "meta": {"label": s["label"]}, **{f: s[f] for f in LR}}
-                       for s in reader.iter_range(lo, min(lo + batch, last), fields=LR)]
-            yield collate(samples, LR, job, 0)
-    else:
-        yield from iter_eval_batches(phase_shards(manifest, shards, split, [phase]), job, num_jobs, LR, batch)
-
-
 def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: str, device: str = "auto",
             amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64) -> str:
     """Score job `job_index` of `num_jobs` and write its part; returns the part's path."""
     keep_freed_memory()
     if not 0 <= job_index < num_jobs:
-        raise EvalError(f"job index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
+        raise EvalError(f"--job-index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
+    if batch < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch}")
     manifest = load_manifest(shards)
+    dev = resolve_device(device)
     model, classes = load_weights(checkpoint)
     if classes is not None and classes != manifest["classes"]:
         raise EvalError(f"{checkpoint}: its classes differ from those of {shards}")
     if model.classifier.out_features != len(manifest["classes"]) or model.rnn1.input_size != manifest["dim"]:
         raise EvalError(f"{checkpoint}: model has {model.classifier.out_features} classes and input dim "
                         f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     model = model.to(dev).eval()
     ctx = autocast(dev.type, amp)
     keys, labels, logits = [], [], []
     with torch.no_grad():
-        for b in _batches(manifest, shards, split, phase, job_index, num_jobs, fmt, batch):
+        samples = phase_samples(manifest, shards, split, phase, job_index, num_jobs, LR, fmt)
+        for b in batches(samples, LR, batch):
             with ctx:
                 out_logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(dev), b["lr_flow"].to(dev)))
             keys += b["keys"]
@@ -97,12 +72,9 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
               "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
               "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
               "stamp": np.array(json.dumps(stamp, sort_keys=True))}
-    os.makedirs(out, exist_ok=True)
     path = part_path(out, job_index, num_jobs)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-part-", suffix=".npz", dir=out)
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 

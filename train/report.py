@@ -1,10 +1,14 @@
 """Accuracy reports of merged evaluation parts: JSON, Markdown, CSV and a confusion-matrix PNG."""
 
 import csv
+import io
 import json
 import os
 
 import numpy as np
+
+from elr.metrics import save_figure
+from shards.atomic import write_text_atomic
 
 
 def score(labels: np.ndarray, logits: np.ndarray, n_classes: int) -> dict:
@@ -23,16 +27,15 @@ def write_reports(folder: str, stamp: dict, keys, labels, logits, classes) -> di
     s = score(labels, logits, len(classes))
     s.update({"checkpoint": stamp["checkpoint"], "checkpoint_sha256": stamp["checkpoint_sha256"],
               "split": stamp["split"], "phase": stamp["phase"], "num_jobs": stamp["num_jobs"], "classes": classes})
-    _atomic_text(os.path.join(folder, "report.json"), json.dumps(s, indent=1, sort_keys=True) + "\n")
-    _atomic_text(os.path.join(folder, "report.md"), markdown(s))
+    write_text_atomic(os.path.join(folder, "report.json"), json.dumps(s, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(os.path.join(folder, "report.md"), markdown(s))
     pred = logits.argmax(1)
-    tmp = os.path.join(folder, ".predictions.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "label", "class", "predicted", "predicted_class", "correct"])
-        for k, y, p in zip(keys, labels, pred):
-            w.writerow([k, int(y), classes[y], int(p), classes[p], int(y == p)])
-    os.replace(tmp, os.path.join(folder, "predictions.csv"))
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["key", "label", "class", "predicted", "predicted_class", "correct"])
+    for k, y, p in zip(keys, labels, pred):
+        w.writerow([k, int(y), classes[y], int(p), classes[p], int(y == p)])
+    write_text_atomic(os.path.join(folder, "predictions.csv"), text.getvalue())
     plot_confusion(np.array(s["confusion"]), classes, os.path.join(folder, "confusion.png"),
                    f"{stamp['split']}/{stamp['phase']} LR, top-1 {100 * s['top1']:.1f}%")
     return s
@@ -65,17 +68,8 @@ def plot_confusion(confusion: np.ndarray, classes: list, path: str, title: str) 
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def format_table(s: dict, folder: str) -> str:

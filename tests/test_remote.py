@@ -1,0 +1,166 @@
+"""Remote shard sets through fsspec: S3 (a moto S3-API server), HTTP (`python -m http.server`), range reads,
+retries, and a server that dies mid-run or comes back."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HttpServer, build
+from shards import remote
+from shards.demo import DemoConfig, make_demo
+from shards.errors import RemoteError
+from shards.manifest import load_manifest
+from shards.tario import iter_raw_samples, mapped_samples
+
+BIN = os.path.dirname(sys.executable)
+SMALL = dict(hidden=8, batch_size=8, data_streams=2, loader_workers=0, quiet=True, test_every=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, dask_client):
+    root = tmp_path_factory.mktemp("remote") / "HMDB51"
+    make_demo(str(root), DemoConfig(classes=4, videos_per_class=3, dim=8, min_units=3, max_units=6, seed=2))
+    build(root, dask_client, formats=("webdataset",), min_shards=2)
+    return root.parent / "HMDB51-shards"
+
+
+@pytest.fixture(scope="module")
+def s3_set(shards):
+    """The shard set uploaded to a bucket of a real S3-API server (moto's server mode) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("elr-test")
+    fs.put(str(shards), "elr-test/HMDB51-shards", recursive=True)
+    yield "s3://elr-test/HMDB51-shards"
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train(shards, out, **kw):
+    from train.ddp import TrainConfig, train as run
+
+    return run(TrainConfig(shards=str(shards), out=str(out), **SMALL, **kw))
+
+
+def test_s3_manifest_samples_and_training_equal_local(shards, s3_set, tmp_path):
+    local = load_manifest(str(shards))
+    assert load_manifest(s3_set) == local
+    shard = local["splits"]["Split1"]["Train"]["webdataset"]["shards"][0]
+    assert [s["__key__"] for s in iter_raw_samples(f"{s3_set}/{shard['path']}")] == \
+        [s["__key__"] for s in mapped_samples(str(shards / shard["path"]))]
+    train(shards, tmp_path / "local", epochs=2)
+    record = train(s3_set, tmp_path / "s3", epochs=2)
+    assert_same(weights(tmp_path / "s3"), weights(tmp_path / "local"))
+    assert record["test_acc"] is not None
+
+
+def test_a_stream_starting_mid_shard_reads_only_its_byte_range(shards, s3_set, monkeypatch):
+    m = load_manifest(str(shards))
+    entry = m["splits"]["Split1"]["Train"]
+    shard = entry["webdataset"]["shards"][0]
+    spans = tuple((s["offset"], s["bytes"]) for s in entry["samples"] if s["shard"] == os.path.basename(shard["path"]))
+    assert len(spans) >= 3
+    requests, read = [], remote.read_bytes
+
+    def recording(url, start=None, end=None):
+        requests.append((start, end))
+        return read(url, start, end)
+
+    monkeypatch.setattr(remote, "read_bytes", recording)
+    got = list(iter_raw_samples(f"{s3_set}/{shard['path']}", 1, 2, spans))
+    assert requests == [(spans[1][0], spans[2][0] + spans[2][1])]  # one request: samples 1 and 2, nothing else
+    want = list(mapped_samples(str(shards / shard["path"]), skip=1, take=2))
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in want]
+    for a, b in zip(got, want):
+        assert all(bytes(a[f]) == bytes(b[f]) for f in b if f != "__key__")
+
+
+def test_http_server_without_ranges_gives_the_same_samples(shards, http_server):
+    server = http_server(shards)
+    m = load_manifest(server.url)
+    entry = m["splits"]["Split1"]["Test"]
+    shard = entry["webdataset"]["shards"][-1]
+    spans = tuple((s["offset"], s["bytes"]) for s in entry["samples"] if s["shard"] == os.path.basename(shard["path"]))
+    got = list(iter_raw_samples(f"{server.url}/{shard['path']}", 1, None, spans))
+    want = list(mapped_samples(str(shards / shard["path"]), skip=1))
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in want] and len(got) == len(spans) - 1
+    assert np.array_equal(np.frombuffer(got[0]["lr_rgb.npy"], np.uint8), np.frombuffer(want[0]["lr_rgb.npy"], np.uint8))
+
+
+def test_missing_urls_are_one_error_naming_the_url(shards, http_server, s3_set):
+    server = http_server(shards)
+    with pytest.raises(RemoteError, match=rf"^{server.url}/nope/manifest.json: .*[Nn]ot [Ff]ound"):
+        load_manifest(f"{server.url}/nope")
+    with pytest.raises(RemoteError, match=r"^s3://elr-test/elsewhere/manifest.json: "):
+        load_manifest("s3://elr-test/elsewhere")
+
+
+def train_cmd(shards, out, epochs=3):
+    return [os.path.join(BIN, "elr-train"), "--shards", str(shards), "--out", str(out), "--epochs", str(epochs),
+            "--hidden", "8", "--batch-size", "8", "--data-streams", "2", "--loader-workers", "0", "-q"]
+
+
+def run_killing_server(shards, out, env, restart_after=None):
+    """elr-train over HTTP; the server dies right after it served the first tar shard, and comes back
+    after `restart_after` seconds (never, if None). Returns the exit code, stderr, time and URL."""
+    server = HttpServer(shards).start()
+    cmd = train_cmd(server.url, out)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env, "OMP_NUM_THREADS": "1"})
+    try:
+        while not any(r.endswith(".tar") for r in server.requests):
+            assert proc.poll() is None and time.time() - t0 < 60, "the run ended before it read a shard"
+            time.sleep(0.002)
+        server.stop()
+        if restart_after is not None:
+            threading.Timer(restart_after, server.start).start()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        time.sleep(restart_after or 0)
+        server.stop()
+    return proc.returncode, stderr, time.time() - t0, server.url
+
+
+def test_server_dying_mid_run_is_one_error_naming_the_url(shards, tmp_path):
+    code, stderr, seconds, url = run_killing_server(shards, tmp_path / "run", {"ELR_REMOTE_RETRIES": "2",
+                                                                              "ELR_REMOTE_BACKOFF": "0.1"})
+    lines = [line for line in stderr.splitlines() if not line.startswith("config {")]
+    assert code == 1 and "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"Error: {url}/Split1/") and ".tar: " in lines[0], lines
+    assert "(gave up after 3 attempts in " in lines[0] and seconds < 60
+
+
+def test_server_back_within_the_retry_window_gives_the_uninterrupted_weights(shards, tmp_path):
+    subprocess.run(train_cmd(shards, tmp_path / "local"), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, stderr, _, _ = run_killing_server(shards, tmp_path / "http", {"ELR_REMOTE_RETRIES": "8",
+                                                                       "ELR_REMOTE_BACKOFF": "0.2"}, restart_after=1.5)
+    assert code == 0, stderr[-3000:]
+    assert_same(weights(tmp_path / "http"), weights(tmp_path / "local"))
