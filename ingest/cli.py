@@ -60,6 +60,9 @@ def cli():
 @click.option("--dim", default=4096, show_default=True, type=POSITIVE, help="Feature dim (C3D fc6: 4096).")
 @click.option("--min-units", default=4, show_default=True, type=click.IntRange(min=3), help="Shortest video, in C3D units.")
 @click.option("--max-units", default=16, show_default=True, type=click.IntRange(min=3), help="Longest video, in C3D units.")
+@click.option("--lengths", type=click.Choice(["uniform", "hmdb51"]), default="uniform", show_default=True,
+              help="Video lengths: uniform in --min-units..--max-units, or drawn per class from real HMDB51 "
+                   "(median 4 units, 1 to 66, strongly class-dependent).")
 @click.option("--latent-dim", default=DemoConfig.latent_dim, show_default=True,
               help="Dimension the synthetic signal lives in, embedded into --dim.")
 @click.option("--hr-snr", default=DemoConfig.hr_snr, show_default=True, help="Signal-to-noise of HR units.")
@@ -75,6 +78,7 @@ def make_demo_cmd(out, **options):
     Example:
       elr-ingest make-demo data/HMDB51 --videos-per-class 4
       elr-ingest make-demo /tmp/tiny --classes 6 --dim 32
+      elr-ingest make-demo data/HMDB51-real --lengths hmdb51     # HMDB51's per-class lengths
     """
     cfg = call(DemoConfig, **options)
     counts = call(make_demo, out, cfg)

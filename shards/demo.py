@@ -32,8 +32,9 @@ class DemoConfig:
     classes: int = 51  # number of classes (HMDB51's names first)
     videos_per_class: int = 4  # per class and per phase
     dim: int = 4096  # feature dim (C3D fc6 is 4096)
-    min_units: int = 4  # shortest video, in C3D units
-    max_units: int = 16  # longest video
+    min_units: int = 4  # shortest video, in C3D units (lengths "uniform")
+    max_units: int = 16  # longest video (lengths "uniform")
+    lengths: str = "uniform"  # uniform: min..max units; hmdb51: drawn from the video's class in real HMDB51
     latent_dim: int = 32  # dimension of the space motifs and noise live in (embedded into dim)
     hr_snr: float = 4.0  # HR signal-to-noise per unit
     lr_snr: float = 2.0  # LR signal-to-noise per unit (extremely low resolution: weaker)
@@ -44,6 +45,22 @@ class DemoConfig:
             raise ValueError("classes >= 2, videos_per_class >= 1 and dim >= 1 are required")
         if not 3 <= self.min_units <= self.max_units:
             raise ValueError("need 3 <= min_units <= max_units (three motifs per video)")
+        if self.lengths not in ("uniform", "hmdb51"):
+            raise ValueError(f"lengths must be 'uniform' or 'hmdb51', got {self.lengths!r}")
+
+
+def hmdb51_units() -> dict:
+    """{class: (units, videos)} of real HMDB51 (shards/data/hmdb51-units.tsv: all 6,766 clips, C3D units
+    per video = floor(frames / 16), at least 1; frame counts from the public vt-vl-lab/video-data-aug
+    rawframes lists), plus "*": all classes together."""
+    table = {}
+    with open(os.path.join(os.path.dirname(__file__), "data", "hmdb51-units.tsv")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, units, videos = line.split("\t")
+                table.setdefault(name, []).append((int(units), int(videos)))
+                table.setdefault("*", []).append((int(units), int(videos)))
+    return {c: (np.array([u for u, _ in rows]), np.array([v for _, v in rows], dtype=float)) for c, rows in table.items()}
 
 
 def class_names(n: int) -> list:
@@ -54,6 +71,7 @@ def make_demo(out: str, cfg: DemoConfig) -> dict:
     """Write `<out>/Split1/...`; returns counts {phase: videos}."""
     rng = np.random.default_rng(cfg.seed)
     names = class_names(cfg.classes)
+    histograms = hmdb51_units() if cfg.lengths == "hmdb51" else None
     n_groups = (cfg.classes + 2) // 3
     latent = min(cfg.latent_dim, cfg.dim)
     # motifs[stream_kind][group] -> (3, latent) unit vectors; rgb and flow have their own
@@ -67,7 +85,12 @@ def make_demo(out: str, cfg: DemoConfig) -> dict:
             os.makedirs(os.path.join(split, phase, name), exist_ok=True)  # the seed reads its class list here
             for i in range(cfg.videos_per_class):
                 video = f"{NAME_STEMS[(c + i) % len(NAME_STEMS)]}_{name}_{phase[0].lower()}_nm_np1_{i}"
-                for stream, array in _video(rng, motifs, basis, c, cfg).items():
+                if histograms is None:
+                    t = int(rng.integers(cfg.min_units, cfg.max_units + 1))
+                else:  # the class's own length distribution (classes beyond HMDB51's 51: all clips')
+                    units, clips = histograms.get(name, histograms["*"])
+                    t = int(rng.choice(units, p=clips / clips.sum()))
+                for stream, array in _video(rng, motifs, basis, c, t, cfg).items():
                     folder = os.path.join(split, f"{phase}_{STREAMS[stream]}", name)
                     os.makedirs(folder, exist_ok=True)
                     np.save(os.path.join(folder, video + ".npy"), array)
@@ -79,13 +102,14 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _video(rng, motifs, basis, label, cfg):
-    """Four aligned float32 [T, dim] arrays for one video of class `label`."""
-    t = int(rng.integers(cfg.min_units, cfg.max_units + 1))
+def _video(rng, motifs, basis, label, t, cfg):
+    """Four aligned float32 [t, dim] arrays for one video of class `label`."""
     order = ORDERS[label % 3]
-    # three segments of random length >= 1, in the class's motif order
-    cuts = np.sort(rng.choice(np.arange(1, t), size=2, replace=False))
-    segment = np.searchsorted(cuts, np.arange(t), side="right")  # (T,) in {0, 1, 2}
+    if t >= 3:  # three segments of random length >= 1, in the class's motif order
+        cuts = np.sort(rng.choice(np.arange(1, t), size=2, replace=False))
+        segment = np.searchsorted(cuts, np.arange(t), side="right")  # (T,) in {0, 1, 2}
+    else:  # 1 or 2 units (real HMDB51 has many): the first motifs of the order, which still tell the classes apart
+        segment = np.arange(t)
     out = {}
     for kind in ("rgb", "flow"):
         pattern = motifs[kind][label // 3][[order[s] for s in segment]]  # (T, latent) unit vectors

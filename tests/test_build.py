@@ -231,3 +231,20 @@ def test_manifest_records_each_samples_byte_range(built_master):
         assert data[spans[-1][0] + spans[-1][1]:] == bytes(len(data) - spans[-1][0] - spans[-1][1])  # then only the end marker
         for offset, size in spans:
             assert data[offset + 257:offset + 262] == b"ustar"  # each range starts at a tar header
+
+
+def test_demo_lengths_follow_real_hmdb51_per_class(tmp_path):
+    """make-demo --lengths hmdb51: each video's units come from its class's histogram of real HMDB51."""
+    from shards.demo import DemoConfig, hmdb51_units, make_demo
+
+    make_demo(str(tmp_path / "HMDB51"), DemoConfig(videos_per_class=6, dim=4, lengths="hmdb51", seed=4))
+    table = hmdb51_units()
+    assert int(table["*"][1].sum()) == 6766 and len(table) == 52  # every clip, 51 classes + all
+    units = {}
+    for path in (tmp_path / "HMDB51" / "Split1").glob("*_lr_features/*/*.npy"):
+        units.setdefault(path.parent.name, []).append(np.load(path).shape[0])
+    assert len(units) == 51 and all(len(v) == 18 for v in units.values())
+    for name, lengths in units.items():
+        assert set(lengths) <= set(table[name][0].tolist()), name  # only lengths the class really has
+    assert np.mean(units["hit"]) < 3 < 12 < np.mean(units["brush_hair"])
+    assert 3.5 <= np.median([u for v in units.values() for u in v]) <= 4.5  # HMDB51's median is 4
