@@ -33,6 +33,7 @@ class ShardRef:
     url: str  # local path or any fsspec URL
     samples: int
     spans: tuple | None = None  # each sample's (offset, bytes) in the shard: range reads of remote shards
+    bytes: int | None = None  # the shard's size, as the manifest records it
 
 
 def phase_entry(manifest: dict, root: str, split: str, phase: str) -> dict:
@@ -57,7 +58,7 @@ def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
         for s in entry["webdataset"]["shards"]:
             found = spans.get(os.path.basename(s["path"]))
             shards.append(ShardRef(_join(root, s["path"]), s["samples"],
-                                   tuple(found) if found and len(found) == s["samples"] else None))
+                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"]))
     return shards
 
 

@@ -20,6 +20,11 @@ BACKOFF = float(os.environ.get("ELR_REMOTE_BACKOFF", 0.5))
 _NO_RANGES = set()  # URLs whose server answered a range request with the whole file
 
 
+def ignores_ranges(url: str) -> bool:
+    """Whether this URL's server answered a range request with the whole file (then read it whole)."""
+    return url in _NO_RANGES
+
+
 def is_url(path: str) -> bool:
     """A remote location (local paths and file:// URLs are read directly)."""
     return "://" in path and not path.startswith("file://")

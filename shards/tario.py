@@ -248,7 +248,7 @@ def remote_samples(url: str, skip: int = 0, take: int | None = None, spans=None)
     i = 0
     while i < len(wanted):
         j = i + 1  # whole samples, up to RANGE_BYTES (one request for the piece if the server ignores ranges)
-        while j < len(wanted) and (url in remote._NO_RANGES or wanted[j][0] + wanted[j][1] - wanted[i][0] <= RANGE_BYTES):
+        while j < len(wanted) and (remote.ignores_ranges(url) or wanted[j][0] + wanted[j][1] - wanted[i][0] <= RANGE_BYTES):
             j += 1
         start, end = wanted[i][0], wanted[j - 1][0] + wanted[j - 1][1]
         data = memoryview(remote.read_bytes(url, start, end))

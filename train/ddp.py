@@ -190,26 +190,17 @@ def preflight(cfg: TrainConfig) -> dict:
         raise ELRError(f"--shards {cfg.shards}: {cfg.split} has no tar shards for {', '.join(missing)}")
     if not remote.is_url(cfg.shards):
         for shard in phase_shards(manifest, cfg.shards, cfg.split, train_phases(manifest, cfg) + ["Test"]):
-            expected = _shard_bytes(manifest, cfg.split, shard.url)
             if not os.path.isfile(shard.url):
                 raise ShardCorruptError(f"{shard.url}: missing (the manifest lists it; run elr-ingest verify)")
-            if os.path.getsize(shard.url) != expected:
+            if os.path.getsize(shard.url) != shard.bytes:
                 raise ShardCorruptError(f"{shard.url}: {os.path.getsize(shard.url)} bytes, the manifest says "
-                                        f"{expected} (truncated or replaced; run elr-ingest verify)")
+                                        f"{shard.bytes} (truncated or replaced; run elr-ingest verify)")
     return manifest
 
 
 def train_phases(manifest: dict, cfg: TrainConfig) -> list:
     """Train and Validation, as the seed trains (Validation where the set has one)."""
     return [p for p in ("Train", "Validation") if p in manifest["splits"][cfg.split]]
-
-
-def _shard_bytes(manifest: dict, split: str, path: str) -> int:
-    for entry in manifest["splits"][split].values():
-        for s in entry.get("webdataset", {}).get("shards", []):
-            if path.endswith(s["path"]):
-                return s["bytes"]
-    raise AssertionError(path)
 
 
 def launch_id() -> str:
