@@ -131,7 +131,8 @@ def _publish(staging: str, out: str) -> dict:
     """Rename the finished staging folder to `out`, with nothing in it that the manifest does not list
     (temporary files of tasks killed mid-write, on this machine or a lost dask worker)."""
     shutil.rmtree(os.path.join(staging, "_build"), ignore_errors=True)
-    for rel in unlisted_files(staging, load_manifest(staging)):
+    manifest = load_manifest(staging)  # read and validated once: the renamed folder holds the same file
+    for rel in unlisted_files(staging, manifest):
         os.unlink(os.path.join(staging, rel))
     if os.path.isdir(out):
         old = f"{out}.old-{os.getpid()}"
@@ -140,7 +141,7 @@ def _publish(staging: str, out: str) -> dict:
         shutil.rmtree(old)
     else:
         os.rename(staging, out)
-    return load_manifest(out)
+    return manifest
 
 
 # ---- scan: headers only, in parallel ---------------------------------------------------------
