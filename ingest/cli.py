@@ -1,4 +1,4 @@
-"""elr-ingest: turn the seed's per-file C3D feature tree into verified WebDataset and Zarr shards."""
+"""elr-ingest: videos -> the seed's C3D feature tree -> verified WebDataset and Zarr shards."""
 
 import json
 import sys
@@ -30,6 +30,19 @@ class ByteSize(click.ParamType):
         return size
 
 
+class FrameSize(click.ParamType):
+    """'12x16' -> (12, 16): height x width in pixels."""
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        h, sep, w = str(value).lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            self.fail(f"{value!r} is not a frame size HxW (e.g. 12x16: 12 rows, 16 columns)", param, ctx)
+        return int(h), int(w)
+
+
 POSITIVE, COUNT = click.IntRange(min=1), click.IntRange(min=0)
 dask_workers_option = click.option(
     "--dask-workers", "--workers", "workers", type=COUNT, default=0, show_default=True,
@@ -45,7 +58,9 @@ def cli():
 
     \b
     Typical session:
-      elr-ingest make-demo data/HMDB51             # synthetic data in the seed's layout
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+          --out data/HMDB51 --c3d-weights c3d.pickle   # videos -> the seed's feature tree
+      elr-ingest make-demo data/HMDB51             # or: synthetic features in the seed's layout
       elr-ingest build-shards data/HMDB51          # -> data/HMDB51-shards
       elr-ingest verify data/HMDB51-shards --source data/HMDB51
       elr-ingest info data/HMDB51-shards
@@ -179,6 +194,105 @@ def info_cmd(shards, as_json):
     """
     info = call(shard_set_info, shards)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+
+
+@cli.command("extract-features")
+@click.argument("videos", type=click.Path(exists=True, file_okay=False))
+@click.option("--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Root of the feature tree, e.g. data/HMDB51.")
+@click.option("--split", default=1, show_default=True, type=click.IntRange(1, 3), help="Which of HMDB51's splits.")
+@click.option("--validation", type=click.Choice(["label0", "none"]), default="label0", show_default=True,
+              help="Label-0 videos (unused by the official protocol) become the seed's Validation phase, or are left out.")
+@click.option("--c3d-weights", type=click.Path(dir_okay=False),
+              help="Sports-1M C3D state_dict (c3d.pickle of the c3d-pytorch port), loaded without unpickling code.")
+@click.option("--c3d-flow-weights", type=click.Path(dir_okay=False),
+              help="A C3D fine-tuned on flow images for the flow streams. [default: --c3d-weights]")
+@click.option("--random-c3d", type=COUNT, metavar="SEED",
+              help="Random C3D weights from SEED instead of --c3d-weights: tests and demos only (features.json says so).")
+@click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis", show_default=True,
+              help="Optical flow: OpenCV DIS or Farneback; TV-L1 needs opencv-contrib-python-headless; "
+                   "RAFT needs torchvision and --raft-weights.")
+@click.option("--raft-weights", type=click.Path(dir_okay=False), help="torchvision RAFT state_dict, for --flow raft.")
+@click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Flow (pixels of the 128x171 frame) mapped to the ends of the flow image's 0..255.")
+@click.option("--lr-size", default="12x16", show_default=True, type=FrameSize(),
+              help="Extremely low resolution, rows x columns.")
+@click.option("--crop-size", "side", default=112, show_default=True, type=click.IntRange(16, 112),
+              help="C3D input side. The published weights need 112; smaller sizes (with --random-c3d) keep tests fast.")
+@click.option("--device", default="auto", show_default=True, help="Where C3D runs: auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="C3D compute dtype (auto: bfloat16 on a GPU, float32 on the CPU).")
+@click.option("--batch-size", default=0, type=COUNT, help="Clips per C3D batch. [default: 64 on a GPU, 8 on the CPU]")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="A bad video stops the run, or is skipped and listed in features.json.")
+@dask_workers_option
+@scheduler_option
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options.")
+@click.option("--overwrite", is_flag=True, help="Replace this split's features in --out.")
+@quiet_option
+def extract_features_cmd(videos, splits_dir, out, quiet, **options):
+    """Compute the seed's four C3D feature streams from VIDEOS (HMDB51's <class>/<video>.avi layout).
+
+    Writes OUT/Split<K>/{Train,Validation,Test}_{hr,lr}[_optfl]_features/<class>/<video>.npy,
+    float32 [units, 4096], one unit per 16 frames (at least 1), and OUT/features.json (options,
+    versions, weights sha256, per-video frames/units/fps, skipped videos).
+
+    \b
+    Per video, four streams of C3D fc6 features:
+      HR RGB   frames resized to 128x171, center-cropped to 112x112, C3D mean subtracted
+      LR RGB   frames area-downsampled to --lr-size (12x16), upsampled back and cropped like HR
+      HR flow  optical flow between consecutive HR frames, as 3-channel images (x, y, magnitude)
+      LR flow  the same on the LR frames
+    Split labels: 1 -> Train, 2 -> Test, 0 -> Validation (the seed trains on Train and selects on
+    Validation; --validation none leaves label-0 videos out).
+
+    \b
+    Examples:
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+          --out data/HMDB51 --c3d-weights c3d.pickle
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+          --out data/HMDB51 --c3d-weights c3d.pickle --split 2 --device cuda --workers 12
+      elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
+      elr-ingest extract-features ... --resume          # after an interruption
+    """
+    from ingest.extract import ExtractConfig, extract_features
+
+    cfg = call(ExtractConfig, progress=not quiet, **options)
+    record = call(extract_features, videos, splits_dir, out, cfg)
+    phases = ", ".join(f"{n} {p}" for p, n in record["phases"].items())
+    skipped = len(record["skipped"])
+    click.echo(f"wrote {len(record['videos'])} videos x 4 streams ({phases}) under {out}/Split{cfg.split}"
+               + (f"; {skipped} skipped, listed in features.json" if skipped else ""), err=True)
+
+
+@cli.command("make-demo-videos")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--classes", default=6, show_default=True, type=click.IntRange(2, 8), help="Classes (motions).")
+@click.option("--train", default=8, show_default=True, type=POSITIVE, help="Train videos per class (split 1).")
+@click.option("--validation", default=2, show_default=True, type=COUNT, help="Validation videos per class.")
+@click.option("--test", default=4, show_default=True, type=POSITIVE, help="Test videos per class.")
+@click.option("--size", default="240x320", show_default=True, type=FrameSize(), help="Frame size, HxW (even).")
+@click.option("--min-frames", default=48, show_default=True, type=POSITIVE, help="Shortest video.")
+@click.option("--max-frames", default=80, show_default=True, type=POSITIVE, help="Longest video.")
+@click.option("--seed", default=0, show_default=True)
+def make_demo_videos_cmd(out, size, **options):
+    """Write short synthetic videos in HMDB51's layout: OUT/videos/<class>/*.avi and OUT/splits.
+
+    Each class is a motion (slide right, rise, grow...) of a coloured rectangle over a textured
+    background; colour, size, start and speed vary per video.
+
+    \b
+    Example:
+      elr-ingest make-demo-videos demo
+      elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
+    """
+    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
+
+    cfg = call(DemoVideosConfig, height=size[0], width=size[1], **options)
+    n = call(make_demo_videos, out, cfg)
+    click.echo(f"wrote {n} videos ({cfg.classes} classes) under {out}/videos and split files under {out}/splits",
+               err=True)
 
 
 def main(argv=None):

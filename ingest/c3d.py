@@ -1,0 +1,128 @@
+"""C3D (Tran et al., ICCV 2015) in PyTorch: 16-frame clips in, the 4096-d fc6 feature per clip out.
+
+The layer names and shapes are those of the public c3d-pytorch port (DavideA/c3d-pytorch), whose
+`c3d.pickle` holds the Sports-1M weights as a state_dict: conv1.weight ... fc8.bias. Only the layers up
+to fc6 run; fc7 and fc8 are accepted in a weights file and ignored.
+"""
+
+import hashlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shards.errors import ELRError
+
+CLIP_FRAMES = 16  # frames per C3D unit
+FEATURE_DIM = 4096  # fc6
+INPUT_SIDE = 112  # the published weights see 112x112 crops of 128x171 frames
+# Per-channel (R, G, B) average of the Sports-1M training mean that C3D subtracts
+# (sport1m_train16_128_mean, stored there in Caffe's B, G, R order as 90.25, 97.66, 101.41).
+C3D_MEAN_RGB = (101.41, 97.66, 90.25)
+
+# name -> (in channels, out channels); every conv is 3x3x3 with padding 1
+CONVS = {
+    "conv1": (3, 64), "conv2": (64, 128), "conv3a": (128, 256), "conv3b": (256, 256),
+    "conv4a": (256, 512), "conv4b": (512, 512), "conv5a": (512, 512), "conv5b": (512, 512),
+}
+OPTIONAL_KEYS = {"fc7.weight", "fc7.bias", "fc8.weight", "fc8.bias"}
+
+
+class WeightsError(ELRError):
+    """A C3D weights file that is not the state_dict C3D needs."""
+
+
+def pool5_features(side: int) -> int:
+    """Inputs to fc6 for `side`x`side` clips: 512 x 1 x s x s after pool5 (8192 at side 112)."""
+    s = side
+    for _ in range(4):  # pool1 .. pool4 halve the frame (floor)
+        s //= 2
+    return 512 * ((s + 2) // 2) ** 2  # pool5 pads one pixel on each side before halving
+
+
+class C3D(nn.Module):
+    """conv1 .. conv5b and fc6; forward(clips (B, 3, 16, S, S), mean subtracted) -> (B, 4096) after ReLU."""
+
+    def __init__(self, side: int = INPUT_SIDE, padding_mode: str = "zeros"):
+        super().__init__()
+        for name, (cin, cout) in CONVS.items():
+            setattr(self, name, nn.Conv3d(cin, cout, kernel_size=3, padding=1, padding_mode=padding_mode))
+        self.fc6 = nn.Linear(pool5_features(side), FEATURE_DIM)
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.conv1(x)), (1, 2, 2))  # (B, 64, 16, S/2, S/2): time kept at first
+        x = F.max_pool3d(F.relu(self.conv2(x)), 2)  # (B, 128, 8, S/4, S/4)
+        x = F.max_pool3d(F.relu(self.conv3b(F.relu(self.conv3a(x)))), 2)  # (B, 256, 4, ...)
+        x = F.max_pool3d(F.relu(self.conv4b(F.relu(self.conv4a(x)))), 2)  # (B, 512, 2, ...)
+        x = F.max_pool3d(F.relu(self.conv5b(F.relu(self.conv5a(x)))), 2, padding=(0, 1, 1))  # (B, 512, 1, 4, 4)
+        return F.relu(self.fc6(x.flatten(1)))  # (B, 4096)
+
+
+def random_c3d(seed: int, side: int = INPUT_SIDE) -> C3D:
+    """C3D with seeded random weights, for tests and demos only.
+
+    A deep ReLU network with independent random layers maps all inputs to nearly parallel outputs
+    (cosine ~0.99 here), which no classifier can learn from quickly. So only conv1 (zero-sum filters:
+    a flat input gives no response) and fc6 are random; conv2..conv5b start as identities plus a little
+    noise (delta-orthogonal style) and borders replicate instead of padding with zeros. The features are
+    then a random projection of pooled conv1 responses: they keep what tells clips apart."""
+    generator = torch.Generator().manual_seed(seed)
+    model = C3D(side, padding_mode="replicate")
+
+    def he_normal(weight):
+        return torch.randn(weight.shape, generator=generator) * (2 / weight[0].numel()) ** 0.5
+
+    with torch.no_grad():
+        for name, module in model.named_children():
+            module.bias.zero_()
+            if name == "conv1":
+                w = he_normal(module.weight)
+                module.weight.copy_(w - w.mean(dim=(1, 2, 3, 4), keepdim=True))
+            elif name.startswith("conv"):
+                nn.init.dirac_(module.weight)
+                module.weight.add_(0.1 * he_normal(module.weight))
+            else:
+                module.weight.copy_(he_normal(module.weight))
+    return model.eval()
+
+
+def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
+    """C3D with the weights of a state_dict file; one WeightsError naming what differs otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except Exception as e:  # noqa: BLE001 - pickles of whole models, archives of other kinds, garbage
+        raise WeightsError(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state_dict (found {type(state).__name__}, expected a dict of tensors "
+                           "with keys conv1.weight ... fc6.bias)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    model = C3D(side)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state), key=list(expected).index)
+    unexpected = sorted(set(state) - set(expected) - OPTIONAL_KEYS)
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")] if unexpected else [])
+        raise WeightsError(f"{path}: not C3D weights: {'; '.join(parts)} (expected keys conv1.weight ... fc6.bias "
+                           "of the c3d-pytorch port)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise WeightsError(f"{path}: {k} has shape {tuple(state[k].shape)}, C3D at {side}x{side} needs {shape}")
+    model.load_state_dict({k: state[k].float() for k in expected})
+    return model.eval()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clips_to_input(clips: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (B, 16, S, S, 3) -> float (B, 3, 16, S, S) with the C3D mean subtracted."""
+    return clips.permute(0, 4, 1, 2, 3).float() - mean.view(1, 3, 1, 1, 1)

@@ -1,0 +1,349 @@
+"""extract-features: HMDB51-style videos + split files -> the seed's C3D feature tree, with features.json.
+
+Videos are independent dask tasks (decode, resize, downsample, flow: CPU work); their clips stream back
+in order to this process, where C3D runs batched across videos on the chosen device. Each finished
+video's four .npy files are renamed into place and journaled, so --resume continues where a killed run
+stopped; features.json, written last, describes the whole tree.
+"""
+
+import json
+import os
+import platform
+import shutil
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from shards.atomic import atomic_write, remove_quietly, write_json_atomic
+from shards.errors import BadVideoError, ELRError, OutputExistsError
+from shards.parallel import dask_client, drain_workers
+from shards.schema import STREAMS
+
+from .c3d import INPUT_SIDE, file_sha256, load_c3d, random_c3d
+from .flow import METHODS, check_method
+from .splits import PHASE_OF_LABEL, SplitError, plan_videos
+from .video import FrameOptions, prepare_video
+
+FEATURES_JSON = "features.json"
+FORMAT = "elr-features/1"
+RANDOM_NOTE = "random C3D weights (--random-c3d): for tests and demos only, not features to report results on"
+
+
+@dataclass
+class ExtractConfig:
+    split: int = 1  # HMDB51 split K: reads <class>_test_split<K>.txt, writes Split<K>/
+    validation: str = "label0"  # label-0 videos -> Validation ("label0") or left out ("none")
+    lr_size: tuple = (12, 16)  # (H, W) of the extremely low resolution copy
+    side: int = INPUT_SIDE  # C3D input side; the published weights need 112 (smaller: tests, random C3D only)
+    flow: str = "dis"  # dis | farneback | tvl1 | raft
+    flow_bound: float = 20.0  # pixels mapped to the ends of the flow image's 0..255
+    raft_weights: str | None = None  # torchvision RAFT state_dict, for flow "raft"
+    c3d_weights: str | None = None  # Sports-1M C3D state_dict (c3d-pytorch's c3d.pickle)
+    c3d_flow_weights: str | None = None  # C3D for the flow streams (default: c3d_weights)
+    random_c3d: int | None = None  # seed of random C3D weights (tests and demos), instead of c3d_weights
+    device: str = "auto"  # where C3D (and RAFT) run: auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # C3D compute dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16
+    batch_size: int = 0  # clips per C3D batch (0: 64 on a GPU, 8 on the CPU); part of the options
+    on_error: str = "fail"  # a bad video stops the run, or is skipped and listed in features.json
+    workers: int = 0  # local dask worker processes for decoding and flow (0: one per core)
+    scheduler: str | None = None  # a dask.distributed scheduler address instead of local workers
+    resume: bool = False  # continue an interrupted run of the same options
+    overwrite: bool = False  # replace this split's tree in `out`
+    progress: bool = True
+    # resolved at the start (not user options)
+    resolved: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.split not in (1, 2, 3):
+            raise ValueError(f"--split must be 1, 2 or 3 (HMDB51's three splits), got {self.split}")
+        if self.validation not in ("label0", "none"):
+            raise ValueError(f"--validation must be label0 or none, got {self.validation!r}")
+        if len(self.lr_size) != 2 or min(self.lr_size) < 1:
+            raise ValueError(f"--lr-size must be HxW with both sides >= 1, got {self.lr_size}")
+        if self.flow not in METHODS:
+            raise ValueError(f"--flow must be one of {', '.join(METHODS)}, got {self.flow!r}")
+        if (self.c3d_weights is None) == (self.random_c3d is None):
+            raise ValueError("give --c3d-weights FILE (the Sports-1M C3D, c3d.pickle) or, for tests and demos only, "
+                             "--random-c3d SEED" if self.c3d_weights is None else
+                             "--c3d-weights and --random-c3d exclude each other")
+        if self.c3d_flow_weights and self.random_c3d is not None:
+            raise ValueError("--c3d-flow-weights needs --c3d-weights (not --random-c3d)")
+        if self.side != INPUT_SIDE and self.random_c3d is None:
+            raise ValueError(f"--crop-size {self.side}: the published C3D weights need {INPUT_SIDE}; "
+                             "other sizes only with --random-c3d")
+        if not 16 <= self.side <= INPUT_SIDE:
+            raise ValueError(f"--crop-size must be 16..{INPUT_SIDE}, got {self.side}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.batch_size < 0 or self.on_error not in ("fail", "skip") or self.flow_bound <= 0:
+            raise ValueError("--batch-size >= 0, --on-error fail|skip and --flow-bound > 0 are required")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+
+    @property
+    def frame_options(self) -> FrameOptions:
+        return FrameOptions(lr_size=tuple(self.lr_size), side=self.side, flow=self.flow, flow_bound=self.flow_bound)
+
+    def record_options(self) -> dict:
+        """The options that decide the output bytes: stored in features.json, compared on --resume."""
+        keep = ("split", "validation", "lr_size", "side", "flow", "flow_bound", "random_c3d", "on_error")
+        options = {k: v for k, v in asdict(self).items() if k in keep}
+        options["lr_size"] = list(self.lr_size)
+        return {**options, **self.resolved}
+
+
+def library_versions() -> dict:
+    import av
+    import cv2
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "av": av.__version__, "ffmpeg_libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+            "opencv": cv2.__version__}
+
+
+def load_networks(cfg: ExtractConfig) -> tuple:
+    """({"rgb": C3D, "flow": C3D}, weights record); the flow network is the RGB one unless given."""
+    if cfg.random_c3d is not None:
+        net = random_c3d(cfg.random_c3d, cfg.side)
+        return {"rgb": net, "flow": net}, {"random_c3d": cfg.random_c3d, "note": RANDOM_NOTE}
+    rgb = load_c3d(cfg.c3d_weights)
+    weights = {"rgb": {"file": os.path.abspath(cfg.c3d_weights), "sha256": file_sha256(cfg.c3d_weights)}}
+    flow = rgb
+    if cfg.c3d_flow_weights and os.path.abspath(cfg.c3d_flow_weights) != os.path.abspath(cfg.c3d_weights):
+        flow = load_c3d(cfg.c3d_flow_weights)
+        weights["flow"] = {"file": os.path.abspath(cfg.c3d_flow_weights), "sha256": file_sha256(cfg.c3d_flow_weights)}
+    else:
+        weights["flow"] = weights["rgb"]
+    return {"rgb": rgb, "flow": flow}, weights
+
+
+def output_paths(out: str, split: str, job) -> dict:
+    """stream -> the seed's path of this video's features."""
+    return {s: os.path.join(out, split, f"{job.phase}_{suffix}", job.class_name, job.video + ".npy")
+            for s, suffix in STREAMS.items()}
+
+
+def read_features_json(out: str) -> dict:
+    path = os.path.join(out, FEATURES_JSON)
+    if not os.path.exists(path):
+        return {"format": FORMAT, "splits": {}}
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ELRError(f"{path}: unreadable ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ELRError(f"{path}: not a features.json of this tool (format {FORMAT})")
+    return doc
+
+
+class Journal:
+    """<out>/.<split>-features.jsonl: the options, then one line per finished or skipped video."""
+
+    def __init__(self, out: str, split: str):
+        self.path = os.path.join(out, f".{split}-features.jsonl")
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def read(self) -> tuple:
+        with open(self.path) as f:
+            lines = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line is redone
+        return lines[0], lines[1:]
+
+    def start(self, header: dict) -> None:
+        with atomic_write(self.path, "w") as f:
+            f.write(json.dumps(header, sort_keys=True) + "\n")
+
+    def append(self, entry: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_output(out: str, split: str, header: dict, cfg: ExtractConfig, journal: Journal) -> list:
+    """Decide what to do with what `out` already holds; returns the journal entries to keep (--resume)."""
+    done = read_features_json(out)["splits"].get(split)
+    tree = os.path.join(out, split)
+    if cfg.overwrite:
+        return []
+    if cfg.resume:
+        if journal.exists():
+            old, entries = journal.read()
+            differ = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+            if differ:
+                raise OutputExistsError(f"{journal.path}: the interrupted run used other options "
+                                        f"({', '.join(differ)}); run again without --resume, with --overwrite")
+            return entries
+        if done is not None:
+            raise OutputExistsError(f"{out}: {split} is already complete (features.json); nothing to resume")
+        if os.path.isdir(tree):
+            raise OutputExistsError(f"{tree}: holds files but no interrupted extraction to resume; --overwrite to replace")
+        return []
+    if done is not None or journal.exists():
+        state = "already holds the features of" if done is not None else "holds an interrupted extraction of"
+        raise OutputExistsError(f"{out}: {state} {split}; --resume to continue it or --overwrite to replace it")
+    if os.path.isdir(tree) and any(os.scandir(tree)):
+        raise OutputExistsError(f"{tree}: already holds a different tree (not written by extract-features); "
+                                "--overwrite to replace it")
+    return []
+
+
+def make_folders(out: str, split: str, jobs, classes) -> None:
+    """Every phase gets every class folder, empty or not: the seed reads its class list from <phase>/."""
+    for phase in sorted({job.phase for job in jobs}):
+        for class_name in classes:
+            os.makedirs(os.path.join(out, split, phase, class_name), exist_ok=True)
+            for suffix in STREAMS.values():
+                os.makedirs(os.path.join(out, split, f"{phase}_{suffix}", class_name), exist_ok=True)
+
+
+def prepare_task(job, frame_options, raft_weights=None, device="cpu"):
+    """Dask task: one video's clips, or ("bad", message) for a BadVideoError (to skip it)."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one video per worker process; the C3D process needs the cores too
+    raft = None
+    if frame_options.flow == "raft":
+        raft = _cached_raft(raft_weights, device)
+    try:
+        prepared = prepare_video(job.path, job.class_name, job.video, frame_options, raft)
+    except BadVideoError as e:
+        return ("bad", e.problem)
+    prepared.job = job
+    return prepared
+
+
+_RAFT = {}
+
+
+def _cached_raft(path, device):
+    if (path, device) not in _RAFT:
+        from .flow import load_raft
+
+        _RAFT[(path, device)] = load_raft(path).to(device)
+    return _RAFT[(path, device)]
+
+
+def ordered_results(client, jobs, frame_options, cfg, device, window: int):
+    """Yield (job, result) in job order, with up to `window` videos prepared ahead."""
+    futures = deque()
+    todo = iter(jobs)
+
+    def submit():
+        job = next(todo, None)
+        if job is not None:
+            futures.append((job, client.submit(prepare_task, job, frame_options, cfg.raft_weights, str(device),
+                                               pure=False)))
+
+    for _ in range(window):
+        submit()
+    try:
+        while futures:
+            job, future = futures.popleft()
+            result = future.result()
+            submit()
+            yield job, result
+    except BaseException:
+        client.cancel([f for _, f in futures])
+        drain_workers(client)
+        raise
+
+
+def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, client=None) -> dict:
+    """Write `out/Split<K>/...` and `out/features.json`; returns this split's features.json record."""
+    import torch
+    from tqdm import tqdm
+
+    from elr.model import resolve_device
+
+    from .batching import FeatureBatcher
+
+    split = f"Split{cfg.split}"
+    jobs, problems, unused = plan_videos(videos, splits, cfg.split, cfg.validation)
+    if problems and cfg.on_error == "fail":
+        path, message = problems[0]
+        more = f" (and {len(problems) - 1} more; --on-error skip lists them in features.json)" if len(problems) > 1 else ""
+        raise SplitError(f"{path}: {message}{more}")
+    if not jobs:
+        raise SplitError(f"{videos}: no video to extract for split {cfg.split}")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same bytes run to run
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "bfloat16" and device.type != "cuda":
+        raise ValueError("--dtype bfloat16 runs on a GPU only (--device cuda)")
+    batch_size = cfg.batch_size or (64 if device.type == "cuda" else 8)
+    check_method(cfg.flow, cfg.raft_weights)
+    networks, weights = load_networks(cfg)
+    cfg.resolved = {"device": device.type, "dtype": dtype, "batch_size": batch_size}
+    header = {**cfg.record_options(), "weights": weights}
+    journal = Journal(out, split)
+    entries = check_output(out, split, header, cfg, journal)
+    if cfg.overwrite:
+        shutil.rmtree(os.path.join(out, split), ignore_errors=True)
+        remove_quietly(journal.path)
+    classes = sorted({job.class_name for job in jobs})
+    make_folders(out, split, jobs, classes)
+    if not entries:
+        journal.start(header)
+    finished = {e["id"] for e in entries}
+    todo = [job for job in jobs if job.id not in finished]
+
+    batcher = FeatureBatcher(networks, device, batch_size, dtype)
+    units_done = 0
+    with dask_client(cfg.workers, cfg.scheduler, client) as c, \
+            tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {split}", unit="video",
+                 disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
+        window = 2 * max(1, len(c.scheduler_info()["workers"])) + 2
+        started = bar.format_dict["elapsed"]
+
+        def publish():
+            nonlocal units_done
+            for prepared, features in batcher.done():
+                job = prepared.job
+                for stream, path in output_paths(out, split, job).items():
+                    with atomic_write(path) as f:
+                        np.save(f, features[stream], allow_pickle=False)
+                journal.append({"id": job.id, "phase": job.phase, **prepared.info})
+                units_done += prepared.info["units"]
+                bar.update(1)
+                elapsed = bar.format_dict["elapsed"] - started
+                bar.set_postfix_str(f"{units_done / max(elapsed, 1e-9):.1f} units/s")
+
+        for job, result in ordered_results(c, todo, cfg.frame_options, cfg, device, window):
+            if isinstance(result, tuple):  # ("bad", problem): --on-error fail stops here
+                error = BadVideoError(job.class_name, job.video, job.path, result[1])
+                if cfg.on_error == "fail":
+                    raise error
+                journal.append({"id": job.id, "phase": job.phase, "skipped": str(error)})
+                bar.update(1)
+                continue
+            batcher.add(result)
+            publish()
+        batcher.flush()
+        publish()
+
+    _, entries = journal.read()
+    skipped = {e["id"]: e["skipped"] for e in entries if "skipped" in e}
+    written = [j for j in jobs if j.id not in skipped]
+    record = {
+        **header, "versions": library_versions(), "inputs": {"videos": os.path.abspath(videos),
+                                                           "splits": os.path.abspath(splits)},
+        "classes": classes,
+        "phases": {p: n for p in PHASE_OF_LABEL.values() if (n := sum(j.phase == p for j in written))},
+        "videos": {e["id"]: {k: v for k, v in e.items() if k != "id"} for e in entries if "skipped" not in e},
+        "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in problems}},
+        "unused": unused,
+    }
+    if record["random_c3d"] is None:
+        del record["random_c3d"]
+    doc = read_features_json(out)
+    doc["splits"][split] = record
+    write_json_atomic(os.path.join(out, FEATURES_JSON), doc)
+    remove_quietly(journal.path)
+    return record

@@ -1,0 +1,144 @@
+"""One video -> the four uint8 clip stacks C3D reads: HR RGB, LR RGB, HR flow, LR flow.
+
+HR: every decoded frame resized to 128x171 and center-cropped to 112x112 (C3D's input convention).
+LR: every decoded frame area-downsampled to 12x16 (the paper's extreme low resolution), then brought
+back to 128x171 (bilinear) and center-cropped like HR, so both resolutions show the same field of view.
+Flow: between consecutive frames of each stream at 128x171, cropped the same way; the last frame
+repeats the last flow, so the flow stream has as many frames (and units) as the RGB stream.
+Units: floor(frames / 16) non-overlapping 16-frame clips, at least 1 (a short video repeats its last frame).
+"""
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from shards.errors import BadVideoError
+
+from .c3d import CLIP_FRAMES, INPUT_SIDE
+from .flow import cv_flow_function, flow_to_image, raft_flow
+
+STREAM_ORDER = ("hr_rgb", "lr_rgb", "hr_flow", "lr_flow")
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    lr_size: tuple = (12, 16)  # (H, W) of the extremely low resolution copy
+    side: int = INPUT_SIDE  # C3D input side; the published weights need 112
+    flow: str = "dis"
+    flow_bound: float = 20.0  # pixels of the 128x171 frame mapped to the ends of 0..255
+
+    @property
+    def resized(self) -> tuple:
+        """(H, W) every frame is resized to before the center crop: 128x171 for side 112."""
+        return round(self.side * 128 / INPUT_SIDE), round(self.side * 171 / INPUT_SIDE)
+
+
+@dataclass
+class PreparedVideo:
+    class_name: str
+    video: str
+    clips: dict  # stream -> uint8 (units, 16, side, side, 3)
+    info: dict = field(default_factory=dict)  # frames, units, fps, size, declared_frames
+    job: object = None  # the VideoJob it was prepared for
+
+
+def decode_frames(path: str, class_name: str, video: str):
+    """Yield each frame as RGB uint8 (H, W, 3); the first item is the stream info dict.
+
+    Any pixel format FFmpeg knows (grayscale, 4:2:2, odd sizes) is converted to RGB. A file that is not
+    a video, holds no frame, changes frame size or ends before its header's frame count is a
+    BadVideoError naming the file."""
+    import av
+
+    def bad(problem):
+        return BadVideoError(class_name, video, path, problem)
+
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise bad(f"not a readable video ({e.strerror or type(e).__name__})") from None
+    with container:
+        if not container.streams.video:
+            raise bad("not a video: the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(0)
+        yield {"fps": round(float(rate), 3), "declared_frames": int(stream.frames or 0)}
+        size, n = None, 0
+        try:
+            for frame in container.decode(stream):
+                if size is None:
+                    size = (frame.height, frame.width)
+                elif (frame.height, frame.width) != size:
+                    raise bad(f"frame size changes from {size[1]}x{size[0]} to {frame.width}x{frame.height} at frame {n}")
+                n += 1
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as e:
+            raise bad(f"undecodable at frame {n} ({e.strerror or type(e).__name__})") from None
+        declared = int(stream.frames or 0)
+        if n == 0:
+            raise bad("no frames could be decoded (empty or truncated file)")
+        if declared and declared - n > max(2, declared // 50):  # a few missing frames are common in AVI files
+            raise bad(f"truncated: decoded {n} of the {declared} frames its header promises")
+
+
+def center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def prepare_video(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> PreparedVideo:
+    """Decode `path` and build its four streams (see the module docstring); `raft`: the loaded model
+    for --flow raft."""
+    import cv2
+
+    frames = decode_frames(path, class_name, video)
+    info = next(frames)
+    h, w = opts.resized
+    lr_h, lr_w = opts.lr_size
+    resized = {"hr": [], "lr": []}  # stream -> RGB frames at h x w, before the crop
+    for frame in frames:
+        if "size" not in info:
+            info["size"] = list(frame.shape[:2])
+        shrink = frame.shape[0] >= h and frame.shape[1] >= w
+        resized["hr"].append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
+        tiny = cv2.resize(frame, (lr_w, lr_h), interpolation=cv2.INTER_AREA)
+        resized["lr"].append(cv2.resize(tiny, (w, h), interpolation=cv2.INTER_LINEAR))
+    n = len(resized["hr"])
+    units = max(1, n // CLIP_FRAMES)
+    used = units * CLIP_FRAMES  # frames the units cover (a short video: its frames, then repeats of the last)
+    info.update(frames=n, units=units)
+    clips = {}
+    for stream, images in resized.items():
+        images = images[: used + 1]  # the frame after the last unit still gives that unit its last flow
+        rgb = [center_crop(image, opts.side) for image in images[:used]]
+        to_full = 171 / w  # flow in pixels of the 128x171 frame, whatever --crop-size
+        flow = [flow_to_image(center_crop(motion, opts.side) * to_full, opts.flow_bound)
+                for motion in consecutive_flows(images, opts, raft)]
+        # the last frame has no successor: it repeats the last flow (a one-frame video: no motion)
+        flow = flow[:used] or [flow_to_image(np.zeros((opts.side, opts.side, 2), np.float32), opts.flow_bound)]
+        for name, stack in ((f"{stream}_rgb", rgb), (f"{stream}_flow", flow)):
+            stack = stack + [stack[-1]] * (used - len(stack))
+            clips[name] = np.stack(stack).reshape(units, CLIP_FRAMES, opts.side, opts.side, 3)
+    return PreparedVideo(class_name, video, {s: clips[s] for s in STREAM_ORDER}, info)
+
+
+def consecutive_flows(images: list, opts: FrameOptions, raft=None, pairs_per_batch: int = 32):
+    """Flow (h, w, 2) from each frame to the next, for RGB frames at h x w."""
+    if opts.flow != "raft":
+        import cv2
+
+        flow_fn = cv_flow_function(opts.flow)
+        gray = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in images]
+        for prev, nxt in zip(gray, gray[1:]):
+            yield flow_fn(prev, nxt)
+        return
+    import torch
+
+    device = next(raft.parameters()).device
+    frames = torch.from_numpy(np.stack(images)).to(device)  # (T, h, w, 3) uint8
+    for start in range(0, len(images) - 1, pairs_per_batch):
+        stop = min(start + pairs_per_batch, len(images) - 1)
+        yield from raft_flow(raft, frames[start:stop], frames[start + 1:stop + 1]).cpu().numpy()
