@@ -24,7 +24,7 @@ def cv_flow_function(method: str):
 
     if method == "dis":
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        return lambda prev, nxt: dis.calc(prev, nxt, None)
+        return lambda prev, nxt: dis.calc(np.ascontiguousarray(prev), np.ascontiguousarray(nxt), None)
     if method == "farneback":
         return lambda prev, nxt: cv2.calcOpticalFlowFarneback(prev, nxt, None, 0.5, 3, 15, 3, 5, 1.2, 0)
     if method == "tvl1":

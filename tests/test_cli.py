@@ -24,7 +24,7 @@ def console(*args, timeout=120):
 
 
 def test_help_has_examples():
-    for cmd in ("build-shards", "verify", "info", "make-demo"):
+    for cmd in ("build-shards", "verify", "info", "make-demo", "extract-features", "make-demo-videos"):
         result = run(cmd, "--help")
         assert result.exit_code == 0 and "Example" in result.output, cmd
 
@@ -110,3 +110,22 @@ def test_console_scripts_installed():
                             ("elr-train", "elr-train --nproc 4 --shards data/HMDB51-shards")):
         result = console(script, "--help")
         assert result.returncode == 0 and example in result.stdout, script
+
+
+def test_extract_features_mistakes_are_one_line(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "splits").mkdir()
+    base = ("elr-ingest", "extract-features", tmp_path / "videos", "--splits", tmp_path / "splits", "--out", tmp_path / "out")
+    cases = {
+        (): "Error: give --c3d-weights FILE (the Sports-1M C3D, c3d.pickle) or, for tests and demos only, --random-c3d SEED",
+        ("--c3d-weights", tmp_path / "c3d.pickle", "--crop-size", 32):
+            "Error: --crop-size 32: the published C3D weights need 112; other sizes only with --random-c3d",
+        ("--random-c3d", 0, "--lr-size", "12by16"):
+            "Error: Invalid value for '--lr-size': '12by16' is not a frame size HxW (e.g. 12x16: 12 rows, 16 columns)",
+        ("--c3d-weights", tmp_path / "c3d.pickle"):
+            f"Error: {tmp_path / 'splits'}: no split files for split 1 (expected <class>_test_split1.txt, as in "
+            "HMDB51's testTrainMulti_7030_splits)",
+    }
+    for extra, message in cases.items():
+        result = console(*base, *extra)
+        assert result.returncode in (1, 2) and result.stderr.strip() == message, result.stderr

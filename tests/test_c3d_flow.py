@@ -1,0 +1,126 @@
+"""C3D against plain conv3d arithmetic, its weights file checks, and optical flow on known shifts."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ingest.c3d import C3D, CONVS, WeightsError, load_c3d
+from ingest.flow import CV_METHODS, FlowMethodError, cv_flow_function, flow_to_image
+
+
+def known_state_dict(seed=0):
+    """c3d-pytorch's keys and shapes (fc7, fc8 too) with small seeded weights."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (cin, cout) in CONVS.items():
+        state[f"{name}.weight"] = torch.randn(cout, cin, 3, 3, 3, generator=g) * (2 / (cin * 27)) ** 0.5
+        state[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.01
+    for name, (cin, cout) in {"fc6": (8192, 4096), "fc7": (4096, 4096), "fc8": (4096, 487)}.items():
+        state[f"{name}.weight"] = torch.randn(cout, cin, generator=g) * (2 / cin) ** 0.5
+        state[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.01
+    return state
+
+
+def reference_fc6(state, x):
+    """C3D's fc6 for x (B, 3, 16, 112, 112), from the C3D paper's layer list with plain functional ops."""
+    def conv(h, name):
+        return F.relu(F.conv3d(h, state[f"{name}.weight"], state[f"{name}.bias"], padding=1))
+
+    h = F.max_pool3d(conv(x, "conv1"), kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    h = F.max_pool3d(conv(h, "conv2"), kernel_size=2, stride=2)
+    h = F.max_pool3d(conv(conv(h, "conv3a"), "conv3b"), kernel_size=2, stride=2)
+    h = F.max_pool3d(conv(conv(h, "conv4a"), "conv4b"), kernel_size=2, stride=2)
+    h = F.max_pool3d(conv(conv(h, "conv5a"), "conv5b"), kernel_size=2, stride=2, padding=(0, 1, 1))
+    assert h.shape[1:] == (512, 1, 4, 4)
+    return F.relu(F.linear(h.reshape(len(h), 8192), state["fc6.weight"], state["fc6.bias"]))
+
+
+def test_c3d_weights_file_gives_the_reference_fc6(tmp_path):
+    state = known_state_dict()
+    path = tmp_path / "c3d.pickle"
+    torch.save(state, path)
+    model = load_c3d(str(path))
+    x = torch.randn(2, 3, 16, 112, 112, generator=torch.Generator().manual_seed(1)) * 50
+    with torch.no_grad():
+        ours, expected = model(x), reference_fc6(state, x)
+    assert ours.shape == (2, 4096) and (expected > 0).float().mean() > 0.1  # not all ReLU zeros
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_file_problems_are_named(tmp_path):
+    state = known_state_dict()
+    cases = {
+        "model.pt": (C3D(), "not a PyTorch state_dict file"),  # a pickled module: refused without unpickling code
+        "list.pt": ([torch.zeros(1)], "not a state_dict (found list, expected a dict of tensors"),
+        "keys.pt": ({k: v for k, v in state.items() if k != "conv3b.weight"} | {"head.weight": torch.zeros(1)},
+                    "not C3D weights: missing conv3b.weight; unexpected head.weight"),
+        "shape.pt": (state | {"conv2.weight": torch.zeros(128, 64, 3, 3, 1)},
+                     "conv2.weight has shape (128, 64, 3, 3, 1), C3D at 112x112 needs (128, 64, 3, 3, 3)"),
+    }
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(WeightsError) as e:
+            load_c3d(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "parallel.pt")  # saved from DataParallel
+    assert torch.equal(load_c3d(str(tmp_path / "parallel.pt")).conv1.weight, state["conv1.weight"])
+
+
+def textured_pair(dx: int, dy: int, size=(96, 128), seed=0):
+    """A smooth random texture and the same texture moved by (dx, dy) pixels."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    big = cv2.GaussianBlur(rng.integers(0, 256, (size[0] + 40, size[1] + 40)).astype(np.float32), (0, 0), 2.0)
+    big = cv2.normalize(big, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    first = big[20:20 + size[0], 20:20 + size[1]]
+    second = big[20 - dy:20 - dy + size[0], 20 - dx:20 - dx + size[1]]  # content moves by (+dx, +dy)
+    return first, second
+
+
+@pytest.mark.parametrize("method", CV_METHODS)
+def test_flow_of_a_known_shift(method):
+    try:
+        flow_fn = cv_flow_function(method)
+    except FlowMethodError as e:
+        pytest.skip(str(e))  # tvl1 needs opencv-contrib
+    first, second = textured_pair(3, -2)
+    flow = flow_fn(first, second)
+    interior = flow[16:-16, 16:-16].reshape(-1, 2)
+    assert flow.shape == (96, 128, 2) and flow.dtype == np.float32
+    np.testing.assert_allclose(np.median(interior, axis=0), [3, -2], atol=0.25)
+
+
+def test_tvl1_without_contrib_is_one_clear_error():
+    import cv2
+
+    if hasattr(cv2, "optflow"):
+        pytest.skip("opencv-contrib is installed here")
+    with pytest.raises(FlowMethodError) as e:
+        cv_flow_function("tvl1")
+    assert str(e.value).startswith("--flow tvl1 needs OpenCV's contrib modules: pip uninstall opencv-python-headless")
+
+
+def test_flow_image_encoding():
+    flow = np.array([[[0, 0], [20, -20]], [[5, 0], [40, 10]]], np.float32)  # (2, 2, 2) pixels
+    image = flow_to_image(flow, bound=20)
+    assert image.dtype == np.uint8
+    assert image[0, 0].tolist() == [128, 128, 0]  # no motion: mid-grey x and y, zero magnitude
+    assert image[0, 1].tolist() == [255, 0, 255]  # at the bound
+    assert image[1, 0].tolist() == [159, 128, 64]  # 5 px right: 127.5 + 5 * 255/40 = 159.4; |5| * 255/20 = 63.75
+    assert image[1, 1].tolist() == [255, 191, 255]  # clipped beyond the bound
+
+
+def test_raft_needs_weights_and_torchvision(tmp_path):
+    from ingest.flow import check_method
+
+    with pytest.raises(FlowMethodError) as e:
+        check_method("raft")
+    assert str(e.value).startswith("--flow raft needs --raft-weights FILE")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(FlowMethodError) as e:
+            check_method("raft", str(tmp_path / "raft.pth"))
+        assert str(e.value).startswith("--flow raft needs torchvision built for this torch")

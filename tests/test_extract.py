@@ -1,0 +1,201 @@
+"""extract-features on real encoded videos: phases, shapes, unit counts, alignment, determinism, resume,
+the seed's data layer, and every kind of bad input."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bench.train import SeedDataLayer
+from ingest.extract import ExtractConfig, extract_features
+from shards.errors import BadVideoError, OutputExistsError
+from shards.schema import STREAMS
+from videos import bad_videos, count_frames, hmdb51_shaped, write_split_files
+
+PHASE = {"1": "Train", "2": "Test", "0": "Validation"}
+FAST = dict(random_c3d=0, side=16, progress=False)  # 16x16 crops keep C3D cheap on 2 cores
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def sample_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    return str(root), hmdb51_shaped(str(root))
+
+
+@pytest.fixture(scope="module")
+def extracted(sample_tree, tmp_path_factory, dask_client):
+    root, labels = sample_tree
+    out = str(tmp_path_factory.mktemp("features") / "HMDB51")
+    record = extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(**FAST), client=dask_client)
+    return out, record
+
+
+def features_of(out):
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(f"{out}/Split1/*/*/*.npy"))}
+
+
+def test_tree_phases_shapes_units_alignment(sample_tree, extracted):
+    root, labels = sample_tree
+    out, record = extracted
+    for class_name, videos in labels.items():
+        for name, label in videos.items():
+            stem = os.path.splitext(name)[0]  # names with dots keep all but the last extension
+            frames = count_frames(os.path.join(root, "videos", class_name, name))
+            arrays = [np.load(os.path.join(out, "Split1", f"{PHASE[label]}_{suffix}", class_name, stem + ".npy"),
+                              allow_pickle=False) for suffix in STREAMS.values()]
+            units = max(1, frames // 16)
+            assert [a.shape for a in arrays] == [(units, 4096)] * 4, name
+            assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in arrays)
+            info = record["videos"][f"{class_name}/{stem}"]
+            assert (info["frames"], info["units"], info["phase"]) == (frames, units, PHASE[label])
+    assert record["phases"] == {"Train": 4, "Test": 3, "Validation": 2}
+    assert record["weights"]["random_c3d"] == 0 and "tests and demos only" in record["weights"]["note"]
+    assert record["videos"]["talk/Car_(phone)_#3_talk_h_nm_np1_2"]["size"] == [143, 175]
+    assert json.load(open(os.path.join(out, "features.json")))["splits"]["Split1"]["side"] == 16
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # the journal is gone once complete
+
+
+def test_streams_differ_where_they_should(extracted):
+    out, _ = extracted
+    video = "Split1/Train_{}/ride_bike/Bikes.at.the_park_ride_bike_f_cm_np1_fr_med_0.npy"
+    a = {s: np.load(os.path.join(out, video.format(suffix))) for s, suffix in STREAMS.items()}
+    assert len({a[s].tobytes() for s in a}) == 4  # four different inputs, four different features
+
+
+def test_seed_data_layer_and_build_shards_read_the_tree(extracted, dask_client, tmp_path):
+    from shards.build import BuildConfig, build_shards
+    from shards.verify import verify_shards
+
+    out, _ = extracted
+    seed = SeedDataLayer(os.path.join(out, "Split1"), "Train")
+    assert len(seed) == 2 * 4  # every Train video, at LR and at HR
+    rgb, flow, length, label = seed[0]
+    assert rgb.shape == flow.shape == (seed.max_length, 4096) and length >= 1
+    shards = str(tmp_path / "shards")
+    build_shards(out, BuildConfig(out=shards, formats=("webdataset",), progress=False), client=dask_client)
+    report = verify_shards(shards, source=out, client=dask_client, progress=False)
+    assert report["ok"] and report["checked"]["samples"] == 9, report["problems"]
+
+
+def test_same_input_same_bytes_and_resume_after_kill(sample_tree, extracted, tmp_path):
+    """A second run gives byte-identical files; so does a run killed mid-way and resumed (its batches
+    hold other videos than the first run's)."""
+    root, _ = sample_tree
+    out, _ = extracted
+    again = str(tmp_path / "again")
+    cmd = [os.path.join(BIN, "elr-ingest"), "extract-features", f"{root}/videos", "--splits", f"{root}/splits",
+           "--out", again, "--random-c3d", "0", "--crop-size", "16", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    journal = os.path.join(again, ".Split1-features.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(journal) and len(open(journal).readlines()) >= 3:  # the options and 2 videos
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 1 and "holds an interrupted extraction of Split1; --resume" in result.stderr
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert features_of(again) == features_of(out)
+    record = json.load(open(os.path.join(again, "features.json")))["splits"]["Split1"]
+    assert record["videos"] == json.load(open(os.path.join(out, "features.json")))["splits"]["Split1"]["videos"]
+    result = subprocess.run(cmd, capture_output=True, text=True)  # a finished tree is not overwritten by accident
+    assert result.returncode == 1 and result.stderr.strip() == \
+        f"Error: {again}: already holds the features of Split1; --resume to continue it or --overwrite to replace it"
+
+
+def test_validation_none_leaves_label0_out(sample_tree, tmp_path, dask_client):
+    root, _ = sample_tree
+    record = extract_features(f"{root}/videos", f"{root}/splits", str(tmp_path / "out"),
+                              ExtractConfig(validation="none", **FAST), client=dask_client)
+    assert record["phases"] == {"Train": 4, "Test": 3}
+    assert sorted(record["unused"]) == ["ride_bike/bikes_3_ride_bike_gray_np1_2.avi",
+                                        "talk/Car_(phone)_#3_talk_h_nm_np1_2.avi"]
+    assert not os.path.exists(tmp_path / "out" / "Split1" / "Validation_lr_features")
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory):
+    """One class of four broken files, one good class."""
+    root = tmp_path_factory.mktemp("bad")
+    problems = bad_videos(str(root / "videos" / "broken"))
+    good = str(root / "videos" / "fine")
+    from videos import decode, encode, sample_path
+
+    encode(os.path.join(good, "fine_0.avi"), decode(sample_path("carphone_pristine.mp4"), 0, 20))
+    labels = {"broken": {name: "1" for name in problems}, "fine": {"fine_0.avi": "2"}}
+    write_split_files(str(root / "splits"), labels)
+    return str(root), problems
+
+
+def test_each_bad_video_is_one_clear_error(bad_tree, tmp_path, dask_client):
+    root, problems = bad_tree
+    for name, problem in problems.items():
+        single = tmp_path / name
+        shutil.copytree(f"{root}/videos/fine", single / "videos" / "fine")
+        os.makedirs(single / "videos" / "broken")
+        shutil.copy(f"{root}/videos/broken/{name}", single / "videos" / "broken" / name)
+        write_split_files(str(single / "splits"), {"broken": {name: "1"}, "fine": {"fine_0.avi": "2"}})
+        path = str(single / "videos" / "broken" / name)
+        with pytest.raises(BadVideoError) as e:
+            extract_features(str(single / "videos"), str(single / "splits"), str(single / "out"), ExtractConfig(**FAST),
+                             client=dask_client)
+        assert str(e.value).startswith(f"video broken/{os.path.splitext(name)[0]}: {path}: {problem}"), str(e.value)
+
+
+def test_on_error_skip_lists_bad_videos_and_writes_nothing_half(bad_tree, tmp_path, dask_client):
+    root, problems = bad_tree
+    out = tmp_path / "out"
+    record = extract_features(f"{root}/videos", f"{root}/splits", str(out), ExtractConfig(on_error="skip", **FAST),
+                              client=dask_client)
+    assert sorted(record["skipped"]) == sorted(f"broken/{os.path.splitext(n)[0]}" for n in problems)
+    assert list(record["videos"]) == ["fine/fine_0"] and record["phases"] == {"Test": 1}
+    written = sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/**/*", recursive=True) if os.path.isfile(p))
+    assert written == ["Split1/Test_hr_features/fine/fine_0.npy", "Split1/Test_hr_optfl_features/fine/fine_0.npy",
+                       "Split1/Test_lr_features/fine/fine_0.npy", "Split1/Test_lr_optfl_features/fine/fine_0.npy",
+                       "features.json"]
+
+
+def test_split_file_problems_name_both_sides(bad_tree, tmp_path):
+    root, _ = bad_tree
+    splits = tmp_path / "splits"
+    shutil.copytree(f"{root}/splits", splits)
+    with open(splits / "fine_test_split1.txt", "a") as f:
+        f.write("fine_1.avi 2 \n")
+    with pytest.raises(Exception) as e:
+        extract_features(f"{root}/videos", str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
+    assert str(e.value) == f"{root}/videos/fine/fine_1.avi: missing, but {splits}/fine_test_split1.txt names it"
+    with open(splits / "fine_test_split1.txt", "w") as f:
+        f.write("fine_0.avi 3 \n")
+    with pytest.raises(Exception) as e:
+        extract_features(f"{root}/videos", str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
+    assert str(e.value) == f"{splits}/fine_test_split1.txt:1: unknown label '3' for fine_0.avi (1 train, 2 test, 0 unused)"
+    os.unlink(splits / "fine_test_split1.txt")
+    with pytest.raises(Exception) as e:
+        extract_features(f"{root}/videos", str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
+    assert str(e.value) == (f"{root}/videos/fine: class folder named by no split file (no fine_test_split1.txt in "
+                            f"{splits})")
+
+
+def test_refuses_a_folder_holding_another_tree(bad_tree, demo_tree, dask_client):
+    root, _ = bad_tree
+    out = str(demo_tree)  # make-demo's synthetic features: not ours to replace silently
+    with pytest.raises(OutputExistsError) as e:
+        extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(on_error="skip", **FAST),
+                         client=dask_client)
+    assert str(e.value) == (f"{out}/Split1: already holds a different tree (not written by extract-features); "
+                            "--overwrite to replace it")
+    extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(on_error="skip", overwrite=True, **FAST),
+                     client=dask_client)
+    assert sorted(os.listdir(f"{out}/Split1/Test_lr_features")) == ["broken", "fine"]
