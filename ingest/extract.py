@@ -207,6 +207,7 @@ def prepare_task(job, frame_options, raft_weights=None, device="cpu"):
     import cv2
 
     cv2.setNumThreads(1)  # one video per worker process; the C3D process needs the cores too
+    _lower_priority()
     raft = None
     if frame_options.flow == "raft":
         raft = _cached_raft(raft_weights, device)
@@ -219,6 +220,17 @@ def prepare_task(job, frame_options, raft_weights=None, device="cpu"):
 
 
 _RAFT = {}
+
+
+def _lower_priority():
+    """Preparing runs ahead of C3D by a window of videos: on a machine shared with C3D's threads it
+    should fill their gaps, not preempt them (one late thread stalls a whole parallel convolution)."""
+    if not getattr(_lower_priority, "done", False):
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+        _lower_priority.done = True
 
 
 def _cached_raft(path, device):

@@ -1,0 +1,135 @@
+"""How fast does extract-features turn videos into C3D features, against its bounds, in one run?
+
+    python bench/features.py [--videos 8] [--device cpu|cuda] [--rounds 2]
+
+On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by make-demo-videos):
+  (a) FFmpeg's own decode of the files: a PyAV decode loop, no conversion, no processing
+  (b) our per-video preparation (decode, RGB, 128x171 + 12x16 copies, DIS flow for both, crops),
+      one process, one thread: frames/s per core and its ratio to (a)
+  (c) C3D alone on in-memory batches of 112x112 clips (the compute bound), at the extraction batch size
+  (d) the whole extract-features run (dask workers preparing, C3D batched across videos): clips/s and its
+      share of (c); then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
+      per class from shards/data/hmdb51-units.tsv) on this machine.
+Random C3D weights at 112x112 cost exactly what the Sports-1M weights cost.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
+
+HMDB51_VIDEOS, HMDB51_FRAMES = 6766, 632_581
+
+
+def hmdb51_units() -> int:
+    from shards.demo import hmdb51_units as table
+
+    units, videos = table()["*"]
+    return int((units * videos).sum())
+
+
+def decode_only(paths) -> tuple:
+    import av
+
+    frames, t = 0, time.perf_counter()
+    for path in paths:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = 1
+            frames += sum(1 for _ in container.decode(stream))
+    return frames, time.perf_counter() - t
+
+
+def prepare_only(paths) -> tuple:
+    import cv2
+
+    from ingest.video import FrameOptions, prepare_video
+
+    cv2.setNumThreads(1)
+    frames, t = 0, time.perf_counter()
+    for path in paths:
+        frames += prepare_video(path, "c", os.path.basename(path), FrameOptions()).info["frames"]
+    return frames, time.perf_counter() - t
+
+
+def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20) -> float:
+    """Clips/s of C3D alone on batches already in (device) memory."""
+    import torch
+
+    from ingest.batching import FeatureBatcher
+    from ingest.c3d import random_c3d
+
+    batcher = FeatureBatcher({"rgb": random_c3d(0)}, device, batch_size, dtype)
+    clips = torch.randint(0, 256, (batch_size, 16, 112, 112, 3), dtype=torch.uint8, device=device)
+    from ingest.c3d import clips_to_input
+
+    net = batcher.networks["rgb"]
+    with torch.no_grad(), batcher.autocast:
+        x = clips_to_input(clips, batcher.mean).contiguous(memory_format=batcher.memory_format)
+        net(x)  # warm-up
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            net(x)
+            n += batch_size
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench/_work/features")
+    ap.add_argument("--videos", type=int, default=8, help="synthetic videos (240x320, 48-80 frames)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=1, help="dask workers preparing videos in (d)")
+    ap.add_argument("--rounds", type=int, default=2, help="best of N for (a) and (b)")
+    args = ap.parse_args()
+
+    import torch
+
+    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
+    from ingest.extract import ExtractConfig, extract_features
+    from elr.model import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    batch = 64 if device.type == "cuda" else 8
+    shutil.rmtree(args.work, ignore_errors=True)
+    per_class = max(1, args.videos // 2)
+    make_demo_videos(f"{args.work}/demo", DemoVideosConfig(classes=2, train=per_class, validation=0, test=1))
+    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(f"{args.work}/demo/videos") for f in fs)
+
+    decoded = min((decode_only(paths) for _ in range(args.rounds)), key=lambda r: r[1])
+    prepared = min((prepare_only(paths) for _ in range(args.rounds)), key=lambda r: r[1])
+    rate_a, rate_b = decoded[0] / decoded[1], prepared[0] / prepared[1]
+    bound = c3d_bound(device, batch, dtype)
+
+    t = time.perf_counter()
+    record = extract_features(f"{args.work}/demo/videos", f"{args.work}/demo/splits", f"{args.work}/HMDB51",
+                              ExtractConfig(random_c3d=0, device=args.device, workers=args.workers, progress=False))
+    wall = time.perf_counter() - t
+    units = sum(v["units"] for v in record["videos"].values())
+    pipeline = 4 * units / wall
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"device {name}, dtype {dtype}, C3D batch {batch}, {len(paths)} videos, {decoded[0]} frames, "
+          f"{units} units, torch threads {torch.get_num_threads()}, prep workers {args.workers}")
+    print(f"(a) FFmpeg decode alone (PyAV loop)       {rate_a:9.0f} frames/s  (1 process)")
+    print(f"(b) decode + resize + 12x16 + DIS flow    {rate_b:9.0f} frames/s per core  = {rate_b / rate_a:.2f}x of (a)")
+    print(f"(c) C3D alone, batches in memory          {bound:9.2f} clips/s  = {bound / 4 * 16:.1f} frames/s (4 streams)")
+    print(f"(d) extract-features, whole run           {pipeline:9.2f} clips/s  = {pipeline / bound:.0%} of (c) "
+          f"({wall:.1f} s, start-up included)")
+    clips = 4 * hmdb51_units()
+    print(f"HMDB51 ({HMDB51_VIDEOS:,} videos, {HMDB51_FRAMES:,} frames, {clips // 4:,} units, {clips:,} clips): "
+          f"{clips / pipeline / 3600:.1f} h at (d) on this machine; preparation alone "
+          f"{HMDB51_FRAMES / rate_b / 3600:.2f} core-hours")
+
+
+if __name__ == "__main__":
+    main()
