@@ -8,7 +8,7 @@ On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by 
       one process, one thread: frames/s per core and its ratio to (a)
   (c) C3D alone on in-memory batches of 112x112 clips (the compute bound), at the extraction batch size
   (d) the whole extract-features run (dask workers preparing, C3D batched across videos): clips/s and its
-      share of (c); then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
+      share of (c), with and without start-up, and the share of time C3D waited for data; then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
       per class from shards/data/hmdb51-units.tsv) on this machine.
 Random C3D weights at 112x112 cost exactly what the Sports-1M weights cost.
 """
@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
 
@@ -125,6 +124,11 @@ def main():
     print(f"(c) C3D alone, batches in memory          {bound:9.2f} clips/s  = {bound / 4 * 16:.1f} frames/s (4 streams)")
     print(f"(d) extract-features, whole run           {pipeline:9.2f} clips/s  = {pipeline / bound:.0%} of (c) "
           f"({wall:.1f} s, start-up included)")
+    run = record["last_run"]
+    steady = 4 * units / (run["seconds"] - run["startup_seconds"])
+    print(f"    after start-up ({run['startup_seconds']:.1f} s: weights, cluster, the first video) "
+          f"{steady:9.2f} clips/s  = {steady / bound:.0%} of (c); C3D waited for data "
+          f"{run['data_wait_seconds'] / (run['seconds'] - run['startup_seconds']):.1%} of that time")
     clips = 4 * hmdb51_units()
     print(f"HMDB51 ({HMDB51_VIDEOS:,} videos, {HMDB51_FRAMES:,} frames, {clips // 4:,} units, {clips:,} clips): "
           f"{clips / pipeline / 3600:.1f} h at (d) on this machine; preparation alone "

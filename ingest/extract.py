@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -202,12 +203,14 @@ def make_folders(out: str, split: str, jobs, classes) -> None:
                 os.makedirs(os.path.join(out, split, f"{phase}_{suffix}", class_name), exist_ok=True)
 
 
-def prepare_task(job, frame_options, raft_weights=None, device="cpu"):
-    """Dask task: one video's clips, or ("bad", message) for a BadVideoError (to skip it)."""
+def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
+    """Dask task: one video's clips, or ("bad", message) for a BadVideoError (to skip it).
+    shares_cores: the worker was started by this run, beside its C3D process."""
     import cv2
 
     cv2.setNumThreads(1)  # one video per worker process; the C3D process needs the cores too
-    _lower_priority()
+    if shares_cores:
+        _lower_priority()
     raft = None
     if frame_options.flow == "raft":
         raft = _cached_raft(raft_weights, device)
@@ -223,14 +226,19 @@ _RAFT = {}
 
 
 def _lower_priority():
-    """Preparing runs ahead of C3D by a window of videos: on a machine shared with C3D's threads it
-    should fill their gaps, not preempt them (one late thread stalls a whole parallel convolution)."""
-    if not getattr(_lower_priority, "done", False):
+    """Preparing runs ahead of C3D by a window of videos: on cores shared with C3D's threads it should
+    fill their gaps, not preempt them (one late thread stalls a whole parallel convolution). SCHED_IDLE
+    runs it only on otherwise idle cores (Linux); elsewhere, nice 10."""
+    if getattr(_lower_priority, "done", False):
+        return
+    _lower_priority.done = True
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
         try:
             os.nice(10)
         except OSError:
             pass
-        _lower_priority.done = True
 
 
 def _cached_raft(path, device):
@@ -241,7 +249,7 @@ def _cached_raft(path, device):
     return _RAFT[(path, device)]
 
 
-def ordered_results(client, jobs, frame_options, cfg, device, window: int):
+def ordered_results(client, jobs, frame_options, cfg, device, window: int, shares_cores: bool):
     """Yield (job, result) in job order, with up to `window` videos prepared ahead."""
     futures = deque()
     todo = iter(jobs)
@@ -250,7 +258,7 @@ def ordered_results(client, jobs, frame_options, cfg, device, window: int):
         job = next(todo, None)
         if job is not None:
             futures.append((job, client.submit(prepare_task, job, frame_options, cfg.raft_weights, str(device),
-                                               pure=False)))
+                                               shares_cores, pure=False)))
 
     for _ in range(window):
         submit()
@@ -275,6 +283,7 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
 
     from .batching import FeatureBatcher
 
+    t0 = time.perf_counter()
     split = f"Split{cfg.split}"
     jobs, problems, unused = plan_videos(videos, splits, cfg.split, cfg.validation)
     if problems and cfg.on_error == "fail":
@@ -307,12 +316,11 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
     todo = [job for job in jobs if job.id not in finished]
 
     batcher = FeatureBatcher(networks, device, batch_size, dtype)
-    units_done = 0
+    units_done, waited, first_at = 0, 0.0, None  # waited: C3D idle for want of a prepared video, after the first
     with dask_client(cfg.workers, cfg.scheduler, client) as c, \
             tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {split}", unit="video",
                  disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
         window = 2 * max(1, len(c.scheduler_info()["workers"])) + 2
-        started = bar.format_dict["elapsed"]
 
         def publish():
             nonlocal units_done
@@ -324,10 +332,21 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
                 journal.append({"id": job.id, "phase": job.phase, **prepared.info})
                 units_done += prepared.info["units"]
                 bar.update(1)
-                elapsed = bar.format_dict["elapsed"] - started
-                bar.set_postfix_str(f"{units_done / max(elapsed, 1e-9):.1f} units/s")
+                busy = time.perf_counter() - t0 - first_at
+                bar.set_postfix_str(f"{units_done / max(busy, 1e-9):.1f} units/s, data wait {waited / max(busy, 1e-9):.0%}")
 
-        for job, result in ordered_results(c, todo, cfg.frame_options, cfg, device, window):
+        # a cluster this run starts shares this machine's cores with C3D; another one is left as it is
+        shares_cores = client is None and not cfg.scheduler
+        results = ordered_results(c, todo, cfg.frame_options, cfg, device, window, shares_cores)
+        while True:
+            asked = time.perf_counter()
+            job, result = next(results, (None, None))
+            if first_at is None:
+                first_at = time.perf_counter() - t0  # start-up: plan, weights, cluster, the first video
+            else:
+                waited += time.perf_counter() - asked
+            if job is None:
+                break
             if isinstance(result, tuple):  # ("bad", problem): --on-error fail stops here
                 error = BadVideoError(job.class_name, job.video, job.path, result[1])
                 if cfg.on_error == "fail":
@@ -339,6 +358,8 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
             publish()
         batcher.flush()
         publish()
+    timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(first_at, 3),
+              "data_wait_seconds": round(waited, 3), "videos": len(todo), "units": units_done}
 
     _, entries = journal.read()
     skipped = {e["id"]: e["skipped"] for e in entries if "skipped" in e}
@@ -351,6 +372,7 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
         "videos": {e["id"]: {k: v for k, v in e.items() if k != "id"} for e in entries if "skipped" not in e},
         "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in problems}},
         "unused": unused,
+        "last_run": timing,  # this invocation (a resumed run: its part only)
     }
     if record["random_c3d"] is None:
         del record["random_c3d"]

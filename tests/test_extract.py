@@ -85,14 +85,14 @@ def test_seed_data_layer_and_build_shards_read_the_tree(extracted, dask_client, 
     assert report["ok"] and report["checked"]["samples"] == 9, report["problems"]
 
 
-def test_same_input_same_bytes_and_resume_after_kill(sample_tree, extracted, tmp_path):
+def test_same_input_same_bytes_and_resume_after_kill(sample_tree, extracted, tmp_path, dask_client):
     """A second run gives byte-identical files; so does a run killed mid-way and resumed (its batches
     hold other videos than the first run's)."""
     root, _ = sample_tree
     out, _ = extracted
     again = str(tmp_path / "again")
     cmd = [os.path.join(BIN, "elr-ingest"), "extract-features", f"{root}/videos", "--splits", f"{root}/splits",
-           "--out", again, "--random-c3d", "0", "--crop-size", "16", "--workers", "1", "-q"]
+           "--out", again, "--random-c3d", "0", "--crop-size", "16", "--scheduler", dask_client.scheduler.address, "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     journal = os.path.join(again, ".Split1-features.jsonl")
     deadline = time.time() + 120

@@ -21,15 +21,15 @@ def run(program, *args, timeout=300):
 
 def test_videos_to_accuracy(tmp_path, dask_client):
     demo, scheduler = tmp_path / "demo", dask_client.scheduler.address
-    run("elr-ingest", "make-demo-videos", demo, "--classes", 4, "--train", 12, "--validation", 1, "--test", 6,
-        "--size", "48x64", "--min-frames", 32, "--max-frames", 40)
+    run("elr-ingest", "make-demo-videos", demo, "--classes", 4, "--train", 8, "--validation", 0, "--test", 5,
+        "--size", "48x64", "--min-frames", 16, "--max-frames", 24)  # one unit each
     # 16x16 crops and random C3D keep this to seconds on 2 cores; both are explicit, never a default
     run("elr-ingest", "extract-features", demo / "videos", "--splits", demo / "splits", "--out", demo / "HMDB51",
         "--random-c3d", 0, "--crop-size", 16, "--flow-bound", 4, "--scheduler", scheduler, "-q")
     run("elr-ingest", "build-shards", demo / "HMDB51", "--scheduler", scheduler, "-q")
-    run("train/ddp.py", "--nproc", 2, "--shards", demo / "HMDB51-shards", "--out", demo / "run", "--epochs", 8,
-        "--test-every", 4, "--hidden", 64, "--batch-size", 16, "--device", "cpu", "-q")
+    run("train/ddp.py", "--nproc", 2, "--shards", demo / "HMDB51-shards", "--out", demo / "run", "--epochs", 6,
+        "--test-every", 6, "--hidden", 64, "--batch-size", 16, "--device", "cpu", "-q")
     run("elr-eval", "run", "--shards", demo / "HMDB51-shards", "--checkpoint", demo / "run" / "last.pt",
         "--out", demo / "eval")
     report = json.load(open(demo / "eval" / "report.json"))
-    assert report["videos"] == 24 and report["top1"] >= 0.6  # chance: 0.25
+    assert report["videos"] == 20 and report["top1"] >= 0.6  # chance: 0.25
