@@ -6,7 +6,8 @@ On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by 
   (a) FFmpeg's own decode of the files: a PyAV decode loop, no conversion, no processing
   (b) our per-video preparation (decode, RGB, 128x171 + 12x16 copies, DIS flow for both, crops),
       one process, one thread: frames/s per core and its ratio to (a)
-  (c) C3D alone on in-memory batches of 112x112 clips (the compute bound), at the extraction batch size
+  (c) C3D alone on in-memory batches of 112x112 clips (the compute bound), at the extraction batch size,
+      measured before and after (d) and averaged
   (d) the whole extract-features run (dask workers preparing, C3D batched across videos): clips/s and its
       share of (c), with and without start-up, and the share of time C3D waited for data; then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
       per class from shards/data/hmdb51-units.tsv) on this machine.
@@ -107,7 +108,7 @@ def main():
     decoded = min((decode_only(paths) for _ in range(args.rounds)), key=lambda r: r[1])
     prepared = min((prepare_only(paths) for _ in range(args.rounds)), key=lambda r: r[1])
     rate_a, rate_b = decoded[0] / decoded[1], prepared[0] / prepared[1]
-    bound = c3d_bound(device, batch, dtype)
+    bound_before = c3d_bound(device, batch, dtype)
 
     t = time.perf_counter()
     record = extract_features(f"{args.work}/demo/videos", f"{args.work}/demo/splits", f"{args.work}/HMDB51",
@@ -115,13 +116,16 @@ def main():
     wall = time.perf_counter() - t
     units = sum(v["units"] for v in record["videos"].values())
     pipeline = 4 * units / wall
+    bound_after = c3d_bound(device, batch, dtype)  # before and after (d): the machine drifts over minutes
+    bound = (bound_before + bound_after) / 2
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device {name}, dtype {dtype}, C3D batch {batch}, {len(paths)} videos, {decoded[0]} frames, "
           f"{units} units, torch threads {torch.get_num_threads()}, prep workers {args.workers}")
     print(f"(a) FFmpeg decode alone (PyAV loop)       {rate_a:9.0f} frames/s  (1 process)")
     print(f"(b) decode + resize + 12x16 + DIS flow    {rate_b:9.0f} frames/s per core  = {rate_b / rate_a:.2f}x of (a)")
-    print(f"(c) C3D alone, batches in memory          {bound:9.2f} clips/s  = {bound / 4 * 16:.1f} frames/s (4 streams)")
+    print(f"(c) C3D alone, batches in memory          {bound:9.2f} clips/s  = {bound / 4 * 16:.1f} frames/s (4 streams; "
+          f"{bound_before:.2f} before (d), {bound_after:.2f} after)")
     print(f"(d) extract-features, whole run           {pipeline:9.2f} clips/s  = {pipeline / bound:.0%} of (c) "
           f"({wall:.1f} s, start-up included)")
     run = record["last_run"]

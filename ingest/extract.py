@@ -268,9 +268,10 @@ def ordered_results(client, jobs, frame_options, cfg, device, window: int, share
             result = future.result()
             submit()
             yield job, result
-    except BaseException:
-        client.cancel([f for _, f in futures])
-        drain_workers(client)
+    except BaseException:  # an error here, or the caller stopping early (GeneratorExit from close())
+        if futures:
+            client.cancel([f for _, f in futures])
+            drain_workers(client)
         raise
 
 
@@ -338,24 +339,27 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
         # a cluster this run starts shares this machine's cores with C3D; another one is left as it is
         shares_cores = client is None and not cfg.scheduler
         results = ordered_results(c, todo, cfg.frame_options, cfg, device, window, shares_cores)
-        while True:
-            asked = time.perf_counter()
-            job, result = next(results, (None, None))
-            if first_at is None:
-                first_at = time.perf_counter() - t0  # start-up: plan, weights, cluster, the first video
-            else:
-                waited += time.perf_counter() - asked
-            if job is None:
-                break
-            if isinstance(result, tuple):  # ("bad", problem): --on-error fail stops here
-                error = BadVideoError(job.class_name, job.video, job.path, result[1])
-                if cfg.on_error == "fail":
-                    raise error
-                journal.append({"id": job.id, "phase": job.phase, "skipped": str(error)})
-                bar.update(1)
-                continue
-            batcher.add(result)
-            publish()
+        try:
+            while True:
+                asked = time.perf_counter()
+                job, result = next(results, (None, None))
+                if first_at is None:
+                    first_at = time.perf_counter() - t0  # start-up: plan, weights, cluster, the first video
+                else:
+                    waited += time.perf_counter() - asked
+                if job is None:
+                    break
+                if isinstance(result, tuple):  # ("bad", problem): --on-error fail stops here
+                    error = BadVideoError(job.class_name, job.video, job.path, result[1])
+                    if cfg.on_error == "fail":
+                        raise error
+                    journal.append({"id": job.id, "phase": job.phase, "skipped": str(error)})
+                    bar.update(1)
+                    continue
+                batcher.add(result)
+                publish()
+        finally:
+            results.close()  # cancels what is still queued while the client is up
         batcher.flush()
         publish()
     timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(first_at, 3),
