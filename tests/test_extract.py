@@ -181,6 +181,13 @@ def test_split_file_problems_name_both_sides(bad_tree, tmp_path):
     with pytest.raises(Exception) as e:
         extract_features(f"{root}/videos", str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
     assert str(e.value) == f"{splits}/fine_test_split1.txt:1: unknown label '3' for fine_0.avi (1 train, 2 test, 0 unused)"
+    with open(splits / "fine_test_split1.txt", "w") as f:
+        f.write("fine_0.avi 2 \n")
+    shutil.copytree(f"{root}/videos", tmp_path / "videos")
+    shutil.copy(tmp_path / "videos" / "fine" / "fine_0.avi", tmp_path / "videos" / "fine" / "fine_extra.avi")
+    with pytest.raises(Exception) as e:
+        extract_features(str(tmp_path / "videos"), str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
+    assert str(e.value) == f"{tmp_path}/videos/fine/fine_extra.avi: named by no line of {splits}/fine_test_split1.txt"
     os.unlink(splits / "fine_test_split1.txt")
     with pytest.raises(Exception) as e:
         extract_features(f"{root}/videos", str(splits), str(tmp_path / "out"), ExtractConfig(**FAST))
