@@ -32,7 +32,6 @@ class FeatureBatcher:
         self.queue = {kind: deque() for kind in self.networks}  # kind -> deque of (entry, stream, unit, clip)
         self.in_flight = []  # (features on the device, targets) of the batch launched last
         self.pending = deque()  # entries in arrival order: [video, {stream: array}, clips left]
-        self.clips_run = 0
 
     def add(self, video) -> None:
         units = next(iter(video.clips.values())).shape[0]
@@ -69,7 +68,6 @@ class FeatureBatcher:
             features = self.networks[kind](x)[: len(items)]  # (n, 4096)
         self._collect()  # the batch before this one: on a GPU its compute is done or nearly
         self.in_flight = [(features, [(entry, stream, unit) for entry, stream, unit, _ in items])]
-        self.clips_run += len(items)
 
     def _collect(self) -> None:
         for features, targets in self.in_flight:
