@@ -5,8 +5,6 @@ The layer names and shapes are those of the public c3d-pytorch port (DavideA/c3d
 to fc6 run; fc7 and fc8 are accepted in a weights file and ignored.
 """
 
-import hashlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,14 +111,6 @@ def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
             raise WeightsError(f"{path}: {k} has shape {tuple(state[k].shape)}, C3D at {side}x{side} needs {shape}")
     model.load_state_dict({k: state[k].float() for k in expected})
     return model.eval()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def clips_to_input(clips: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

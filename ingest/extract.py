@@ -19,10 +19,11 @@ import numpy as np
 
 from shards.atomic import atomic_write, remove_quietly, write_json_atomic
 from shards.errors import BadVideoError, ELRError, OutputExistsError
+from shards.manifest import file_sha256
 from shards.parallel import dask_client, drain_workers
 from shards.schema import STREAMS
 
-from .c3d import INPUT_SIDE, file_sha256, load_c3d, random_c3d
+from .c3d import INPUT_SIDE, load_c3d, random_c3d
 from .flow import METHODS, check_method
 from .splits import PHASE_OF_LABEL, SplitError, plan_videos
 from .video import FrameOptions, prepare_video
