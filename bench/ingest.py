@@ -110,7 +110,7 @@ def main():
 
     print(f"\ntree: {n_videos} videos x 4 streams, lengths {args.lengths}, dim {args.dim}, {size / 1e9:.2f} GB, "
           f"{os.cpu_count()} cores")
-    print(f"{"step":<52}{'seconds':>9}{'MB/s':>9}{'x tar':>8}")
+    print(f"{'step':<52}{'seconds':>9}{'MB/s':>9}{'x tar':>8}")
     for label, t in rows:
         print(f"{label:<52}{t:>9.2f}{size / t / 1e6:>9.0f}{t / t_tar:>8.2f}")
     print(f"(local dask cluster start-up, paid once per CLI call: {t_start:.1f} s)")
