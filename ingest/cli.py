@@ -54,11 +54,11 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="elr-pipeline")
 def cli():
-    """Sharded storage for extremely-low-resolution (eLR) action recognition features.
+    """Videos to C3D features, and sharded storage of them, for extremely-low-resolution (eLR) action recognition.
 
     \b
     Typical session:
-      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \\
           --out data/HMDB51 --c3d-weights c3d.pickle   # videos -> the seed's feature tree
       elr-ingest make-demo data/HMDB51             # or: synthetic features in the seed's layout
       elr-ingest build-shards data/HMDB51          # -> data/HMDB51-shards
@@ -249,9 +249,9 @@ def extract_features_cmd(videos, splits_dir, out, quiet, **options):
 
     \b
     Examples:
-      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \\
           --out data/HMDB51 --c3d-weights c3d.pickle
-      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \
+      elr-ingest extract-features data/hmdb51_org --splits data/testTrainMulti_7030_splits \\
           --out data/HMDB51 --c3d-weights c3d.pickle --split 2 --device cuda --workers 12
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
       elr-ingest extract-features ... --resume          # after an interruption
