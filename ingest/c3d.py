@@ -84,14 +84,19 @@ def random_c3d(seed: int, side: int = INPUT_SIDE) -> C3D:
     return model.eval()
 
 
+def load_state_file(path: str, error: type, what: str):
+    """torch.load without unpickling code (weights_only); a missing or unreadable file is one `error`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except Exception as e:  # noqa: BLE001 - pickles of whole models, archives of other kinds, garbage
+        raise error(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
+
+
 def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
     """C3D with the weights of a state_dict file; one WeightsError naming what differs otherwise."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such weights file") from None
-    except Exception as e:  # noqa: BLE001 - pickles of whole models, archives of other kinds, garbage
-        raise WeightsError(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
+    state = load_state_file(path, WeightsError, "weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state_dict (found {type(state).__name__}, expected a dict of tensors "
                            "with keys conv1.weight ... fc6.bias)")

@@ -250,7 +250,7 @@ def _cached_raft(path, device):
     return _RAFT[(path, device)]
 
 
-def ordered_results(client, jobs, frame_options, cfg, device, window: int, shares_cores: bool):
+def ordered_results(client, jobs, cfg, device, window: int, shares_cores: bool):
     """Yield (job, result) in job order, with up to `window` videos prepared ahead."""
     futures = deque()
     todo = iter(jobs)
@@ -258,7 +258,7 @@ def ordered_results(client, jobs, frame_options, cfg, device, window: int, share
     def submit():
         job = next(todo, None)
         if job is not None:
-            futures.append((job, client.submit(prepare_task, job, frame_options, cfg.raft_weights, str(device),
+            futures.append((job, client.submit(prepare_task, job, cfg.frame_options, cfg.raft_weights, str(device),
                                                shares_cores, pure=False)))
 
     for _ in range(window):
@@ -339,7 +339,7 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
 
         # a cluster this run starts shares this machine's cores with C3D; another one is left as it is
         shares_cores = client is None and not cfg.scheduler
-        results = ordered_results(c, todo, cfg.frame_options, cfg, device, window, shares_cores)
+        results = ordered_results(c, todo, cfg, device, window, shares_cores)
         try:
             while True:
                 asked = time.perf_counter()

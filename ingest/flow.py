@@ -71,12 +71,9 @@ def load_raft(path: str):
     except ImportError:
         raise FlowMethodError("--flow raft needs torchvision built for this torch (pip install torchvision==<the "
                               f"release matching torch {torch.__version__}>)") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FlowMethodError(f"{path}: no such RAFT weights file") from None
-    except Exception as e:  # noqa: BLE001 - not a state_dict archive
-        raise FlowMethodError(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
+    from .c3d import load_state_file
+
+    state = load_state_file(path, FlowMethodError, "RAFT weights")
     for build in (raft_large, raft_small):
         model = build(weights=None)
         try:
