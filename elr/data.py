@@ -10,6 +10,7 @@ worker k of a rank owns every K-th of those. So:
   - resuming at step s regenerates the epoch and skips s steps: the same order as an uninterrupted run.
 """
 
+import functools
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import remote
 from shards.errors import ManifestError
+from shards.manifest import parse_rows
 from shards.schema import LR
 from shards.tario import decode_sample, iter_raw_samples
 from shards.zarrio import ZarrPhaseReader
@@ -34,6 +36,17 @@ class ShardRef:
     samples: int
     spans: tuple | None = None  # each sample's (offset, bytes) in the shard: range reads of remote shards
     bytes: int | None = None  # the shard's size, as the manifest records it
+    rows: tuple | None = None  # (table URL, start, end): where its spans are, read when first needed
+
+    def sample_spans(self):
+        return self.spans if self.spans is not None or self.rows is None else _spans_from_table(*self.rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spans_from_table(table: str, start: int, end: int) -> tuple:
+    """A remote shard's sample spans, from its rows of the sample table (a version 2 set)."""
+    rows = parse_rows(remote.read_bytes(table, start, end), table)
+    return tuple((r["offset"], r["bytes"]) for r in rows) if all("offset" in r for r in rows) else None
 
 
 def phase_entry(manifest: dict, root: str, split: str, phase: str) -> dict:
@@ -51,14 +64,18 @@ def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
         entry = phase_entry(manifest, root, split, phase)
         if "webdataset" not in entry:
             raise ManifestError(f"{root}: {split}/{phase} has no tar shards (built with --format zarr)")
-        spans = {}
-        for s in entry["samples"]:
+        spans, listed = {}, entry["webdataset"]["shards"]
+        for s in entry.get("samples", ()):  # version 1, or tables loaded
             if "offset" in s:
                 spans.setdefault(s["shard"], []).append((s["offset"], s["bytes"]))
-        for s in entry["webdataset"]["shards"]:
+        for i, s in enumerate(listed):
             found = spans.get(os.path.basename(s["path"]))
+            rows = None
+            if "table" in entry and remote.is_url(root):  # only remote shards need spans (range reads)
+                end = listed[i + 1]["table_offset"] if i + 1 < len(listed) else entry["table"]["bytes"]
+                rows = (_join(root, entry["table"]["path"]), s["table_offset"], end)
             shards.append(ShardRef(_join(root, s["path"]), s["samples"],
-                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"]))
+                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"], rows))
     return shards
 
 
@@ -103,7 +120,7 @@ class StreamPlan:
 def iter_pieces(pieces, fields):
     """Decoded samples of [(ShardRef, skip, take)]."""
     for shard, skip, take in pieces:
-        for raw in iter_raw_samples(shard.url, skip, take, shard.spans):
+        for raw in iter_raw_samples(shard.url, skip, take, shard.sample_spans()):
             yield decode_sample(raw, shard.url, fields)
 
 

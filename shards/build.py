@@ -19,7 +19,8 @@ import numpy as np
 from . import __version__
 from .errors import BadVideoError, OutputExistsError, SourceLayoutError
 from .atomic import write_json_atomic
-from .manifest import DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest, unlisted_files
+from .manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest, store_manifest,
+                       unlisted_files)
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
 from .source import discover
@@ -102,7 +103,7 @@ def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
         if created_staging:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    write_json_atomic(os.path.join(staging, MANIFEST_NAME), manifest)
+    store_manifest(staging, manifest)  # the sample tables, then manifest.json
     return _publish(staging, out)
 
 

@@ -1,18 +1,18 @@
 """info: a summary of a shard set, from its manifest alone."""
 
-from .manifest import iter_phases, load_manifest
+from .manifest import iter_phases, load_manifest, phase_summary
 
 
 def shard_set_info(shards_dir: str) -> dict:
-    m = load_manifest(shards_dir)
+    m = load_manifest(shards_dir, samples=False)
     phases = []
     for split, phase, e in iter_phases(m):
         tar = e.get("webdataset", {}).get("shards", [])
         zarr_files = e.get("zarr", {}).get("files", [])
+        summary = phase_summary(e, len(m["classes"]))
         phases.append({
-            "split": split, "phase": phase, "videos": len(e["samples"]), "skipped": len(e["skipped"]),
-            "units": sum(s["units"] for s in e["samples"]),
-            "classes": len({s["label"] for s in e["samples"]}),
+            "split": split, "phase": phase, "videos": summary["videos"], "skipped": len(e["skipped"]),
+            "units": summary["units"], "classes": sum(1 for n in summary["label_counts"] if n),
             "tar_shards": len(tar), "tar_bytes": sum(s["bytes"] for s in tar),
             "zarr_bytes": sum(f["bytes"] for f in zarr_files),
         })

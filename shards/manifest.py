@@ -1,4 +1,13 @@
-"""manifest.json: the single index of a shard set, written last and atomically, validated on load."""
+"""manifest.json: the index of a shard set, written last and atomically, validated on load.
+
+Version 2 keeps the manifest small: each phase's per-video records (key, label, units, class, video,
+and where the sample lies in its tar shard) sit in a sample table beside it, `<split>/<phase>.samples.jsonl`
+(one JSON object per line, in sample order, its sha256 in the manifest), and every tar shard entry
+says where its rows start ("first", "table_offset"), so a reader that needs one shard's rows reads
+only those. Training ranks and evaluation jobs never read the tables of a local set (the tar headers
+say everything they need); verify, merge and build read them whole. Version 1 (every record inline
+in the manifest) is still read.
+"""
 
 import hashlib
 import json
@@ -9,7 +18,8 @@ from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "elr-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16")
 
 
@@ -22,14 +32,27 @@ def file_sha256(path: str, block: int = 8 << 20) -> str:
 
 
 def manifest_digest(manifest: dict) -> str:
-    """The identity of a shard set's content: checkpoints and evaluation parts record it."""
+    """The identity of a shard set's content: checkpoints and evaluation parts record it.
+
+    Of manifest.json as stored (version 2: the tables' hashes stand for their rows), whether or not
+    the sample tables were loaded into it."""
+    if manifest.get("format_version", 1) >= 2:
+        manifest = {**manifest, "splits": {split: {phase: {k: v for k, v in entry.items() if k != "samples"}
+                                                   for phase, entry in phases.items()}
+                                           for split, phases in manifest["splits"].items()}}
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def load_manifest(root: str) -> dict:
+def manifest_path(root: str) -> str:
+    return remote.join(root, MANIFEST_NAME) if remote.is_url(root) else os.path.join(root, MANIFEST_NAME)
+
+
+def load_manifest(root: str, samples: bool = True) -> dict:
     """The validated manifest of a shard set: a local folder or any fsspec URL (http(s)://, s3://...).
 
-    Anything malformed is one ManifestError naming the file and the field."""
+    samples: give every phase entry its "samples" list (read from the sample tables of a version 2
+    set, checked against their hashes); False leaves the tables unread (what training ranks and
+    evaluation jobs need). Anything malformed is one ManifestError naming the file and the field."""
     if remote.is_url(root):
         path = remote.join(root, MANIFEST_NAME)
         text = remote.read_bytes(path)
@@ -51,7 +74,81 @@ def load_manifest(root: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not JSON ({e})") from None
     validate_manifest(manifest, path)
+    if samples and manifest["format_version"] >= 2:
+        root = root[len("file://"):] if root.startswith("file://") else root
+        for split, phase, entry in iter_phases(manifest):
+            entry["samples"] = read_table(root, entry["table"], f"splits.{split}.{phase}", len(manifest["classes"]))
     return manifest
+
+
+def _table_url(root: str, rel: str) -> str:
+    return remote.join(root, rel) if remote.is_url(root) else os.path.join(root, rel)
+
+
+def read_table(root: str, table: dict, where: str, n_classes: int) -> list:
+    """The rows of a sample table, checked against the manifest's hash and row count."""
+    path = _table_url(root, table["path"])
+    try:
+        if remote.is_url(root):
+            data = remote.read_bytes(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: sample table missing (named by {where}.table)") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: unreadable sample table ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != table["sha256"]:
+        raise ManifestError(f"{path}: sample table does not match its sha256 in the manifest (changed or damaged)")
+    rows = parse_rows(data, path)
+    _check(len(rows) == table["rows"], path, f"{len(rows)} rows, the manifest says {table['rows']}")
+    _validate_samples(rows, "row", n_classes, path)
+    return rows
+
+
+def parse_rows(data: bytes, path: str) -> list:
+    """JSON-lines bytes -> [dict]."""
+    try:
+        return json.loads(b"[" + b",".join(data.splitlines()) + b"]") if data.strip() else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not JSON lines ({e})") from None
+
+
+def store_manifest(root: str, manifest: dict) -> None:
+    """Write a shard set's index: for version 2, each phase's "samples" go to its sample table (and
+    the entry gets the table's hash, the shards their rows' positions, the phase its counts); then
+    manifest.json. Every file is written to a temporary name and renamed."""
+    from .atomic import atomic_write, write_json_atomic
+
+    if manifest["format_version"] >= 2:
+        manifest = {**manifest, "splits": {split: dict(phases) for split, phases in manifest["splits"].items()}}
+        for split, phase, entry in list(iter_phases(manifest)):
+            entry = {**entry}
+            samples = entry.pop("samples")
+            lines = [table_lines([s]) for s in samples]
+            data, starts = b"".join(lines), [0]
+            for line in lines:
+                starts.append(starts[-1] + len(line))
+            rel = f"{split}/{phase}.samples.jsonl"
+            with atomic_write(os.path.join(root, rel)) as f:
+                f.write(data)
+            if "webdataset" in entry:  # a shard's rows are contiguous, in shard order
+                positioned, first = [], 0
+                for shard in entry["webdataset"]["shards"]:
+                    positioned.append({**shard, "first": first, "table_offset": starts[first]})
+                    first += shard["samples"]
+                entry["webdataset"] = {**entry["webdataset"], "shards": positioned}
+            summary = phase_summary({"samples": samples}, len(manifest["classes"]))
+            entry.update(table={"path": rel, "rows": len(samples), "bytes": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()},
+                         units=summary["units"], label_counts=summary["label_counts"])
+            manifest["splits"][split][phase] = entry
+    write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
+
+
+def table_lines(rows) -> bytes:
+    """The bytes of a sample table: one compact JSON object per line (keys sorted)."""
+    return b"".join(json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in rows)
 
 
 def _check(ok: bool, path: str, problem: str) -> None:
@@ -71,9 +168,9 @@ def _is_relative(p) -> bool:
 def validate_manifest(m, path: str) -> None:
     """Check the fields every reader relies on; raise ManifestError naming the first that is wrong."""
     _check(isinstance(m, dict), path, f"expected a JSON object, found {type(m).__name__}")
-    _check(m.get("format") == FORMAT_NAME and m.get("format_version") == FORMAT_VERSION, path,
+    _check(m.get("format") == FORMAT_NAME and m.get("format_version") in READABLE_VERSIONS, path,
            f"format {m.get('format')!r} version {m.get('format_version')!r}, expected {FORMAT_NAME!r} "
-           f"version {FORMAT_VERSION}")
+           f"version {' or '.join(map(str, READABLE_VERSIONS))}")
     classes = m.get("classes")
     _check(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
            and len(set(classes)) == len(classes), path, f'"classes" must be a non-empty list of distinct names, found {classes!r:.80}')
@@ -87,32 +184,57 @@ def validate_manifest(m, path: str) -> None:
     for split, phases in splits.items():
         _check(isinstance(phases, dict) and phases, path, f'splits.{split} must be a non-empty object of phases')
         for phase, entry in phases.items():
-            _validate_phase(entry, f"splits.{split}.{phase}", len(classes), path)
+            _validate_phase(entry, f"splits.{split}.{phase}", len(classes), path, m["format_version"])
 
 
-def _validate_phase(entry, where: str, n_classes: int, path: str) -> None:
-    _check(isinstance(entry, dict), path, f"{where} must be an object")
-    samples = entry.get("samples")
-    _check(isinstance(samples, list) and isinstance(entry.get("skipped"), list), path,
-           f'{where} needs "samples" and "skipped" lists')
+def _validate_samples(samples, where: str, n_classes: int, path: str) -> None:
     for i, s in enumerate(samples):
         _check(isinstance(s, dict) and isinstance(s.get("key"), str) and _is_int(s.get("label"))
                and s["label"] < n_classes and _is_int(s.get("units"), 1)
                and isinstance(s.get("class"), str) and isinstance(s.get("video"), str), path,
-               f"{where}.samples[{i}] needs a key, a label in 0..{n_classes - 1}, units >= 1, class and video; "
+               f"{where}[{i}] needs a key, a label in 0..{n_classes - 1}, units >= 1, class and video; "
                f"found {s!r:.120}")
+
+
+def _validate_phase(entry, where: str, n_classes: int, path: str, version: int) -> None:
+    _check(isinstance(entry, dict), path, f"{where} must be an object")
+    _check(isinstance(entry.get("skipped"), list), path, f'{where} needs a "skipped" list')
+    if version == 1:
+        _check(isinstance(entry.get("samples"), list), path, f'{where} needs a "samples" list')
+        _validate_samples(entry["samples"], f"{where}.samples", n_classes, path)
+    else:
+        t = entry.get("table")
+        _check(isinstance(t, dict) and _is_relative(t.get("path")) and _is_int(t.get("rows"))
+               and _is_int(t.get("bytes")) and isinstance(t.get("sha256"), str), path,
+               f'{where}.table needs a relative path, rows, bytes and sha256; found {t!r:.120}')
+        _check(_is_int(entry.get("units")) and isinstance(entry.get("label_counts"), list)
+               and len(entry["label_counts"]) == n_classes and all(map(_is_int, entry["label_counts"]))
+               and sum(entry["label_counts"]) == t["rows"], path,
+               f'{where} needs "units" and "label_counts" (one count per class, {t["rows"]} in all)')
     if "webdataset" in entry:
         shards = entry["webdataset"].get("shards") if isinstance(entry["webdataset"], dict) else None
         _check(isinstance(shards, list), path, f'{where}.webdataset needs a "shards" list')
         for i, s in enumerate(shards):
             _check(isinstance(s, dict) and _is_relative(s.get("path")) and _is_int(s.get("samples"))
-                   and _is_int(s.get("bytes")) and isinstance(s.get("sha256"), str), path,
-                   f"{where}.webdataset.shards[{i}] needs a relative path, samples, bytes and sha256; found {s!r:.120}")
+                   and _is_int(s.get("bytes")) and isinstance(s.get("sha256"), str)
+                   and (version == 1 or (_is_int(s.get("first")) and _is_int(s.get("table_offset")))), path,
+                   f"{where}.webdataset.shards[{i}] needs a relative path, samples, bytes and sha256"
+                   f"{', first and table_offset' if version > 1 else ''}; found {s!r:.120}")
     if "zarr" in entry:
         z = entry["zarr"]
         _check(isinstance(z, dict) and _is_relative(z.get("path")) and isinstance(z.get("files"), list)
                and all(isinstance(f, dict) and _is_relative(f.get("path")) and _is_int(f.get("bytes"))
                        for f in z["files"]), path, f'{where}.zarr needs a relative path and a "files" list')
+
+
+def phase_summary(entry: dict, n_classes: int) -> dict:
+    """{"videos", "units", "label_counts"} of a phase entry, without reading a version 2 table."""
+    if "table" in entry:
+        return {"videos": entry["table"]["rows"], "units": entry["units"], "label_counts": entry["label_counts"]}
+    counts = [0] * n_classes
+    for s in entry["samples"]:
+        counts[s["label"]] += 1
+    return {"videos": len(entry["samples"]), "units": sum(s["units"] for s in entry["samples"]), "label_counts": counts}
 
 
 def iter_phases(manifest: dict):
@@ -126,6 +248,8 @@ def listed_files(manifest: dict) -> set:
     """Every file of the set the manifest names (paths relative to the set), manifest.json included."""
     files = {MANIFEST_NAME}
     for _, _, entry in iter_phases(manifest):
+        if "table" in entry:
+            files.add(entry["table"]["path"])
         files.update(s["path"] for s in entry.get("webdataset", {}).get("shards", []))
         files.update(f["path"] for f in entry.get("zarr", {}).get("files", []))
     return files

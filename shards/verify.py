@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import BadVideoError, ELRError
-from .manifest import file_sha256, iter_phases, load_manifest, unlisted_files
+from .manifest import file_sha256, iter_phases, load_manifest, table_lines, unlisted_files
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
 from .source import SourceVideo, discover, load_video
@@ -113,6 +113,23 @@ def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
     return {"seen": [], "problems": problems, "n": last - first}
 
 
+def _check_table_positions(entry: dict, where: str) -> list:
+    """Each tar shard's "first" and "table_offset" point at its own rows of the sample table (version 2):
+    remote readers fetch a shard's sample positions from there."""
+    if "table" not in entry:
+        return []
+    problems, samples = [], entry["samples"]
+    starts = [0]
+    for s in samples:
+        starts.append(starts[-1] + len(table_lines([s])))
+    for shard in entry.get("webdataset", {}).get("shards", []):
+        first, n, name = shard["first"], shard["samples"], os.path.basename(shard["path"])
+        rows = samples[first:first + n]
+        if len(rows) != n or any(r.get("shard") != name for r in rows) or starts[min(first, len(samples))] != shard["table_offset"]:
+            problems.append(f"{where}/{name}: its first/table_offset do not point at its {n} rows of {entry['table']['path']}")
+    return problems
+
+
 def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True, client=None) -> dict:
     """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
     shards_dir = os.path.abspath(shards_dir)  # workers (on a cluster, in other folders) get full paths
@@ -122,6 +139,7 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
     calls, total = [], 0
     problems = [f"{rel}: not in the manifest" for rel in unlisted_files(shards_dir, manifest)]
     for split, phase, entry in iter_phases(manifest):
+        problems += _check_table_positions(entry, f"{split}/{phase}")
         by_shard = {}
         for s in entry["samples"]:
             by_shard.setdefault(s.get("shard"), {})[s["key"]] = s

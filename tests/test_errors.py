@@ -223,11 +223,11 @@ def test_amp_bf16_trains_on_cpu(shards, tmp_path):
 @pytest.mark.parametrize("edit,problem", [
     (lambda m: m.pop("classes"), '"classes" must be a non-empty list of distinct names, found None'),
     (lambda m: m.update(dim="abc"), '"dim" must be a positive integer, found \'abc\''),
-    (lambda m: m["splits"]["Split1"]["Test"]["samples"][0].update(label=99),
-     "splits.Split1.Test.samples[0] needs a key, a label in 0..3, units >= 1, class and video"),
+    (lambda m: m["splits"]["Split1"]["Test"].update(label_counts=[1]),
+     'splits.Split1.Test needs "units" and "label_counts" (one count per class, '),
     (lambda m: m["splits"]["Split1"]["Test"]["webdataset"]["shards"][0].update(path="../../etc/passwd"),
      "splits.Split1.Test.webdataset.shards[0] needs a relative path, samples, bytes and sha256"),
-    (lambda m: m.update(format_version=9), "format 'elr-shards' version 9, expected 'elr-shards' version 1"),
+    (lambda m: m.update(format_version=9), "format 'elr-shards' version 9, expected 'elr-shards' version 1 or 2"),
 ])
 def test_malformed_manifest_is_one_error_everywhere(own_shards, tmp_path, edit, problem):
     path = own_shards / "manifest.json"

@@ -15,6 +15,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "HMDB51-shards")
+GOLDEN_V1 = os.path.join(HERE, "golden", "HMDB51-shards-v1")  # the same set as written by format version 1
 VIDEOS = [("Train", "chew", "Bob's.Best!_chew_f_nm_np1_fr_goo_0"), ("Validation", "clap", "April_09_clap_u_cm_np1_le_med_1"),
           ("Test", "hit", "Amazing_#3_(HD)_hit_f_cm_np1_ri_bad_2")]
 
@@ -77,6 +78,27 @@ def test_todays_readers_decode_the_golden_set_exactly():
             for j, stream in enumerate(("hr_rgb", "lr_rgb", "hr_flow", "lr_flow")):
                 expected = (np.arange((3 + i) * 8).reshape(3 + i, 8) + 1000 * i + 100 * j).astype(np.float32)
                 np.testing.assert_array_equal(sample[stream], expected)
+
+
+def test_format_version_1_sets_read_as_before(dask_client):
+    """Version 1 kept every sample record in manifest.json; version 2 keeps them in sample tables.
+    Sets of either version give readers the same records and the same samples, and verify clean."""
+    from elr.data import iter_pieces, phase_shards
+    from shards.manifest import load_manifest
+    from shards.verify import verify_shards
+
+    old, new = load_manifest(GOLDEN_V1), load_manifest(GOLDEN)
+    assert (old["format_version"], new["format_version"]) == (1, 2)
+    assert "samples" not in json.load(open(os.path.join(GOLDEN, "manifest.json")))["splits"]["Split1"]["Test"]
+    for phase, entry in new["splits"]["Split1"].items():
+        assert entry["samples"] == old["splits"]["Split1"][phase]["samples"]
+        a, b = (phase_shards(m, root, "Split1", [phase]) for m, root in ((old, GOLDEN_V1), (new, GOLDEN)))
+        for x, y in zip(iter_pieces([(s, 0, s.samples) for s in a], ("lr_rgb", "hr_flow")),
+                        iter_pieces([(s, 0, s.samples) for s in b], ("lr_rgb", "hr_flow"))):
+            assert x["__key__"] == y["__key__"] and x["meta"] == y["meta"]
+            assert np.array_equal(x["lr_rgb"], y["lr_rgb"]) and np.array_equal(x["hr_flow"], y["hr_flow"])
+    report = verify_shards(GOLDEN_V1, progress=False, client=dask_client)
+    assert report["ok"], report["problems"]
 
 
 def test_todays_writer_reproduces_the_golden_set(tmp_path, dask_client):

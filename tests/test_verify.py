@@ -3,8 +3,7 @@
 import json
 import os
 
-from shards.atomic import write_json_atomic
-from shards.manifest import load_manifest
+from shards.manifest import load_manifest, store_manifest
 from shards.verify import verify_shards
 
 
@@ -54,10 +53,43 @@ def test_deleted_shard(built, dask_client):
 def test_sample_missing_from_manifest(built, dask_client):
     m = load_manifest(str(built))
     dropped = m["splits"]["Split1"]["Validation"]["samples"].pop(4)
-    write_json_atomic(str(built / "manifest.json"), m)
+    store_manifest(str(built), m)  # a consistent index (tables, hashes, positions) that lacks one video
     problems = verify(built, dask_client)["problems"]
     shard = f"Split1/Validation/{dropped['shard']}"
     assert f"{shard}: key {dropped['key']}: not in the manifest" in problems
+
+
+def test_sample_tables_damaged_missing_or_misplaced(built, dask_client):
+    """Version 2 keeps each phase's sample records in a table beside manifest.json: a changed byte or a
+    missing table is one error naming it; a shard's row position that is off is a verify problem."""
+    import pytest
+    from shards.errors import ManifestError
+
+    table = built / "Split1" / "Train.samples.jsonl"
+    original = table.read_bytes()
+    table.write_bytes(original.replace(b'"units":', b'"units": ', 1))
+    with pytest.raises(ManifestError, match=f"^{table}: sample table does not match its sha256 in the manifest"):
+        load_manifest(str(built))
+    table.unlink()
+    with pytest.raises(ManifestError, match=rf"^{table}: sample table missing \(named by splits.Split1.Train.table\)$"):
+        verify(built, dask_client)
+    table.write_bytes(original)
+    m = load_manifest(str(built))
+    units = m["splits"]["Split1"]["Test"]["samples"][0]["units"]
+    m["splits"]["Split1"]["Test"]["samples"][0]["units"] = 0
+    store_manifest(str(built), m)  # hashes match: the row itself is checked
+    with pytest.raises(ManifestError, match=rf"^{built / 'Split1' / 'Test.samples.jsonl'}: row\[0\] needs a key, a label in "
+                                            r"0\.\.\d+, units >= 1, class and video; found"):
+        load_manifest(str(built))
+    m["splits"]["Split1"]["Test"]["samples"][0]["units"] = units
+    store_manifest(str(built), m)
+    m = json.loads((built / "manifest.json").read_text())
+    shard = m["splits"]["Split1"]["Train"]["webdataset"]["shards"][1]
+    shard["table_offset"] += 1
+    (built / "manifest.json").write_text(json.dumps(m))
+    name = os.path.basename(shard["path"])
+    assert verify(built, dask_client)["problems"] == [
+        f"Split1/Train/{name}: its first/table_offset do not point at its {shard['samples']} rows of Split1/Train.samples.jsonl"]
 
 
 def test_zarr_copy_damage(built, dask_client):

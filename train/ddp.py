@@ -177,7 +177,7 @@ def preflight(cfg: TrainConfig) -> dict:
     the run folder. Returns the manifest."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ELRError(f"--out {cfg.out}: is a file, not a folder")
-    manifest = load_manifest(cfg.shards)
+    manifest = load_manifest(cfg.shards, samples=False)  # a rank reads no sample table (shards.manifest)
     try:  # now, not at the first checkpoint an epoch later (an empty folder is removed if the run fails)
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:

@@ -45,7 +45,7 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
         raise EvalError(f"--job-index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
     if batch < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch}")
-    manifest = load_manifest(shards)
+    manifest = load_manifest(shards, samples=False)  # the job reads its shards, not the sample tables
     dev = resolve_device(device)
     model, classes = load_weights(checkpoint)
     if classes is not None and classes != manifest["classes"]:
