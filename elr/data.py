@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import remote
+from elr.arena import Arena
 from shards.errors import ManifestError
 from shards.manifest import parse_rows
 from shards.schema import LR
@@ -124,14 +125,15 @@ def iter_pieces(pieces, fields):
             yield decode_sample(raw, shard.url, fields)
 
 
-def collate(samples, fields, stream: int, step: int, concat: bool = True) -> dict:
+def collate(samples, fields, stream: int, step: int, concat: bool = True, arena=None) -> dict:
     """A micro-batch: lengths, labels and keys, and per field the videos' (units, D) sequences end to end.
 
     Nothing is padded: the step's GRUs read packed sequences (elr.model.pack_units), so padding would
     only be copied, moved to the device and skipped. concat=True (in a DataLoader worker): each field
-    is one (total units, D) tensor, and all are views of one block, so the micro-batch crosses to the
-    training process as one shared-memory segment. concat=False (in-process): each field is the list
-    of the samples' own arrays, views of the shard maps; the step assembly copies them, once."""
+    is one (total units, D) tensor, and all are views of one block: written into the worker's `arena`
+    when it has room (only the block's place travels, see elr.arena), else one shared-memory segment.
+    concat=False (in-process): each field is the list of the samples' own arrays, views of the shard
+    maps; the step assembly copies them, once."""
     lengths = [s[fields[0]].shape[0] for s in samples]
     counts = torch.tensor([lengths, [s["meta"]["label"] for s in samples]])  # (2, B): lengths, labels
     batch = {"stream": stream, "step": step, "keys": [s["__key__"] for s in samples],
@@ -140,9 +142,15 @@ def collate(samples, fields, stream: int, step: int, concat: bool = True) -> dic
         batch.update({f: [s[f] for s in samples] for f in fields})
         return batch
     first = samples[0][fields[0]]
-    block = np.empty((len(fields), sum(lengths), first.shape[1]), dtype=first.dtype)
+    shape = (len(fields), sum(lengths), first.shape[1])
+    region = arena[1].reserve(int(np.prod(shape)) * first.dtype.itemsize) if arena else None
+    block = arena[1].array(region[0], shape, first.dtype) if region else np.empty(shape, dtype=first.dtype)
     for j, f in enumerate(fields):
         np.concatenate([s[f] for s in samples], out=block[j])
+    if region:
+        arena[1].commit(region[1])
+        batch["arena"] = (arena[0], region[0], region[1], shape, first.dtype.str)
+        return batch
     tensors = torch.from_numpy(block)
     batch.update({f: tensors[j] for j, f in enumerate(fields)})
     return batch
@@ -191,6 +199,7 @@ class ShardStream(IterableDataset):
         self.plan, self.rank, self.world, self.fields = plan, rank, world_size, tuple(fields)
         self.seed, self.buffer, self.epoch, self.start_step = seed, buffer, 0, 0
         self.streams = list(range(rank, plan.n_streams, world_size))
+        self.arenas = []  # one per DataLoader worker, kept across epochs (StepLoader sets them up)
 
     def set_position(self, epoch: int, step: int = 0) -> None:
         self.epoch, self.start_step = epoch, step
@@ -198,13 +207,14 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         k, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        arena = (k, self.arenas[k]) if info and len(self.arenas) == n_workers else None
         mine = self.streams[k::n_workers]
         gens = [stream_microbatches(self.plan, self.epoch, self.seed, v, self.fields, self.buffer) for v in mine]
         for step in range(self.plan.steps_per_epoch):
             for v, gen in zip(mine, gens):
                 samples = next(gen)
                 if step >= self.start_step:  # in a worker, the micro-batch is copied for the hand-off
-                    yield collate(samples, self.fields, v, step, concat=info is not None)
+                    yield collate(samples, self.fields, v, step, concat=info is not None, arena=arena)
 
 
 def worker_count(streams_per_rank: int, wanted: int) -> int:
@@ -225,28 +235,88 @@ def _as_is(micro_batch):
 class StepLoader:
     """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step.
 
-    num_workers > 0: DataLoader worker processes read and collate ahead (a GPU host's spare cores).
-    0: the training process reads each step when it needs it, with no hand-off between processes; on
-    CPU, where the cores that would run workers are the ones computing, this measured fastest."""
+    num_workers > 0: DataLoader worker processes read and collate ahead, each into its own
+    shared-memory arena (elr.arena; page-locked on CUDA, so copies to the GPU read it directly).
+    Whoever consumes a step calls free_step(group) once it holds its own copy (DevicePrefetcher does).
+    0: the training process reads each step when it needs it, with no hand-off between processes."""
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False):
+    PREFETCH = 4  # micro-batches each worker may have ready ahead
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False,
+                 arena_bytes: int | None = None):
         self.dataset = dataset
         self.num_workers = worker_count(len(dataset.streams), num_workers)
+        if self.num_workers:
+            self._setup_arenas(pin_memory, arena_bytes)
         self.loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                                  pin_memory=pin_memory, persistent_workers=False,
-                                 prefetch_factor=4 if self.num_workers else None)
+                                 prefetch_factor=self.PREFETCH if self.num_workers else None)
+
+    def _setup_arenas(self, pin: bool, size: int | None) -> None:
+        """Room per worker for what it may have ready, plus two steps' worth held by the trainer
+        (one being assembled, one being copied to the GPU), twice over for uneven lengths."""
+        ds, plan = self.dataset, self.dataset.plan
+        if size is None:
+            per_step = len(ds.streams) // self.num_workers
+            known = [s for s in plan.shards if s.bytes]
+            per_sample = (sum(s.bytes for s in known) / max(1, sum(s.samples for s in known))) if known else 1 << 20
+            micro_batch = plan.micro_batch * per_sample * len(ds.fields) / 4  # a shard sample holds 4 streams
+            size = int(min(2 << 30, max(64 << 20, 2 * micro_batch * (self.PREFETCH + 2 * per_step))))
+            # shared memory lives in /dev/shm, often small in containers; a write past it is a SIGBUS
+            size = min(size, shm_free() // (4 * self.num_workers))
+            size = size if size >= 1 << 20 else 0
+        if not size:
+            ds.arenas = []  # the ordinary DataLoader hand-off
+            return
+        reuse = len(ds.arenas) == self.num_workers and not getattr(ds, "arenas_busy", False) \
+            and all(a.size == size and a.idle() for a in ds.arenas)
+        if reuse:
+            for a in ds.arenas:
+                a.reset()
+        else:  # in use by a consumer that still holds micro-batches, or sized for other data
+            ds.arenas = [Arena(size) for _ in range(self.num_workers)]
+        if pin:
+            for a in ds.arenas:
+                a.pin()
 
     def __len__(self):
         return self.dataset.plan.steps_per_epoch - self.dataset.start_step
 
     def __iter__(self):
         per_step = len(self.dataset.streams)
-        group = []
+        arenas, group = self.dataset.arenas, []
+        self.dataset.arenas_busy = True  # until this epoch's workers are done with the arenas
         for mb in self.loader:
+            if "arena" in mb:  # view the block where the worker wrote it
+                worker, offset, end, shape, dtype = mb.pop("arena")
+                block = arenas[worker].tensor(offset, shape, np.dtype(dtype))
+                mb.update({f: block[j] for j, f in enumerate(self.dataset.fields)})
+                mb["_free"] = (arenas[worker], end)
             group.append(mb)
             if len(group) == per_step:
                 yield sorted(group, key=lambda b: b["stream"])
                 group = []
+        self.dataset.arenas_busy = False
+
+
+def shm_free() -> int:
+    """Bytes free in /dev/shm, where shared tensors live."""
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+
+
+def free_step(group) -> None:
+    """Give a step's arena blocks back to their workers; their fields are gone from the micro-batches."""
+    for mb in group:
+        arena_end = mb.pop("_free", None)
+        if arena_end:
+            arena, end = arena_end
+            arena.free(max(end, int(arena.counters[1])))
+            for key in [k for k, v in mb.items() if isinstance(v, torch.Tensor) and v.dim() == 2]:
+                del mb[key]
 
 
 def padded_units(micro_batches) -> tuple:
@@ -327,9 +397,14 @@ class DevicePrefetcher:
 
     def _load(self, group):
         if not self.cuda:
-            return group, merge_to_device(group, self.inputs, self.device)
+            batch = merge_to_device(group, self.inputs, self.device)
+            free_step(group)  # the step has its own copy
+            return group, batch, None
         with torch.cuda.stream(self.copy_stream):
-            return group, merge_to_device(group, self.inputs, self.device, non_blocking=True)
+            batch = merge_to_device(group, self.inputs, self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return group, batch, copied
 
     def __iter__(self):
         it = iter(self.steps)
@@ -341,7 +416,9 @@ class DevicePrefetcher:
                 for t in pending[1].values():
                     if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                         t.record_stream(torch.cuda.current_stream(self.device))
-            group, batch = pending
+                pending[2].synchronize()  # issued a step ago: done; the arena blocks it read are free
+                free_step(pending[0])
+            group, batch, _ = pending
             nxt = next(it, None)
             pending = self._load(nxt) if nxt is not None else None  # next copy overlaps this step's compute
             yield group, batch

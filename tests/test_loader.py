@@ -103,6 +103,40 @@ def test_merged_step_stacks_lr_then_hr_exactly(uneven_shards, workers):
         np.testing.assert_array_equal(batch[name].numpy(), expected)
 
 
+@pytest.mark.parametrize("arena_bytes", [None, 1500])
+def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, arena_bytes):
+    """Workers write micro-batches into shared rings the trainer frees after each step. A ring of
+    1500 bytes holds about two micro-batches: blocks wrap around, and what does not fit takes the
+    ordinary DataLoader path; over two epochs every merged step equals the in-process one exactly."""
+    from elr.data import DevicePrefetcher, free_step
+
+    inputs = TRAIN_INPUTS["lr+hr"]
+    plan = StreamPlan(uneven_shards, n_streams=2, micro_batch=2)
+    ds = ShardStream(plan, 0, 1, input_fields(inputs), 0, buffer=4)
+    for epoch in (0, 1):
+        ds.set_position(epoch)
+        expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]
+        loader = StepLoader(ds, 2, arena_bytes=arena_bytes)
+        assert len(ds.arenas) == 2
+        paths, merged = Counter(), []
+        for group in loader:
+            in_arena = ["_free" in mb for mb in group]
+            paths.update("arena" if a else "copy" for a in in_arena)
+            merged.append(merge_to_device(group, inputs, "cpu"))
+            free_step(group)
+            assert ["lr_rgb" not in mb for mb in group] == in_arena  # freed blocks cannot be read by mistake
+        assert len(merged) == len(expected) == plan.steps_per_epoch
+        for got, want in zip(merged, expected):
+            for name in ("rgb", "flow", "lengths", "labels"):
+                assert torch.equal(got[name], want[name])
+        assert all(a.idle() for a in ds.arenas)
+        if arena_bytes:  # wrapped: more bytes went through each ring than it holds
+            assert paths["arena"] > 2 and paths["copy"] >= 1
+            assert all(int(a.counters[0]) > a.size for a in ds.arenas)
+        else:
+            assert paths == {"arena": 2 * plan.steps_per_epoch}
+
+
 def test_bucketing_keeps_padding_small(uneven_shards):
     from elr.data import padding_fraction
 
