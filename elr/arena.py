@@ -28,18 +28,19 @@ class Arena:
         self.pinned = False
 
     def idle(self) -> bool:
-        """Everything written has been freed: the ring may start over (a new epoch's workers)."""
+        """Everything written has been freed."""
         written, freed = self.counters.tolist()
         return written == freed
-
-    def reset(self) -> None:
-        self.counters.zero_()
 
     def pin(self) -> None:
         """Register the ring as page-locked host memory, so copies to the GPU read it directly (CUDA only)."""
         if not self.pinned:
             result = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.size, 0)
             self.pinned = int(result) == 0
+
+    def __del__(self):
+        if self.pinned:  # views still held elsewhere stay valid, as ordinary memory
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
 
     # ---- in the worker
 

@@ -149,7 +149,9 @@ def collate(samples, fields, stream: int, step: int, concat: bool = True, arena=
         np.concatenate([s[f] for s in samples], out=block[j])
     if region:
         arena[1].commit(region[1])
-        batch["arena"] = (arena[0], region[0], region[1], shape, first.dtype.str)
+        # no tensors in what crosses: the DataLoader would give each one its own shared-memory segment
+        batch.update(arena=(arena[0], region[0], region[1], shape, first.dtype.str),
+                     lengths=counts[0].numpy(), labels=counts[1].numpy())
         return batch
     tensors = torch.from_numpy(block)
     batch.update({f: tensors[j] for j, f in enumerate(fields)})
@@ -197,23 +199,35 @@ class ShardStream(IterableDataset):
         if plan.n_streams % world_size:
             raise ValueError(f"n_streams ({plan.n_streams}) must be a multiple of the world size ({world_size})")
         self.plan, self.rank, self.world, self.fields = plan, rank, world_size, tuple(fields)
-        self.seed, self.buffer, self.epoch, self.start_step = seed, buffer, 0, 0
+        self.seed, self.buffer = seed, buffer
         self.streams = list(range(rank, plan.n_streams, world_size))
-        self.arenas = []  # one per DataLoader worker, kept across epochs (StepLoader sets them up)
+        self.arenas = []  # one per DataLoader worker (StepLoader sets them up)
+        # (epoch, first step) in shared memory: persistent DataLoader workers hold copies of this
+        # object made when they started, and read the position of each epoch from here
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.position[0])
+
+    @property
+    def start_step(self) -> int:
+        return int(self.position[1])
 
     def set_position(self, epoch: int, step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, step
+        self.position[0], self.position[1] = epoch, step
 
     def __iter__(self):
         info = get_worker_info()
         k, n_workers = (info.id, info.num_workers) if info else (0, 1)
         arena = (k, self.arenas[k]) if info and len(self.arenas) == n_workers else None
         mine = self.streams[k::n_workers]
-        gens = [stream_microbatches(self.plan, self.epoch, self.seed, v, self.fields, self.buffer) for v in mine]
+        epoch, start_step = self.epoch, self.start_step
+        gens = [stream_microbatches(self.plan, epoch, self.seed, v, self.fields, self.buffer) for v in mine]
         for step in range(self.plan.steps_per_epoch):
             for v, gen in zip(mine, gens):
                 samples = next(gen)
-                if step >= self.start_step:  # in a worker, the micro-batch is copied for the hand-off
+                if step >= start_step:  # in a worker, the micro-batch is copied for the hand-off
                     yield collate(samples, self.fields, v, step, concat=info is not None, arena=arena)
 
 
@@ -233,24 +247,31 @@ def _as_is(micro_batch):
 
 
 class StepLoader:
-    """Iterates one epoch of a rank: each item is the list of its streams' micro-batches for one step.
+    """Iterates a rank's epochs: each item is the list of its streams' micro-batches for one step.
+    Iterate it once per epoch, after dataset.set_position(epoch, step).
 
     num_workers > 0: DataLoader worker processes read and collate ahead, each into its own
     shared-memory arena (elr.arena; page-locked on CUDA, so copies to the GPU read it directly).
     Whoever consumes a step calls free_step(group) once it holds its own copy (DevicePrefetcher does).
+    The workers live as long as the loader: a new process would fault in every page of the shard
+    maps and its arena again each epoch (measured: most of an epoch's time at HMDB51's size).
     0: the training process reads each step when it needs it, with no hand-off between processes."""
 
     PREFETCH = 4  # micro-batches each worker may have ready ahead
 
     def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False,
                  arena_bytes: int | None = None):
-        self.dataset = dataset
+        self.dataset, self.pin_memory, self.arena_bytes = dataset, pin_memory, arena_bytes
         self.num_workers = worker_count(len(dataset.streams), num_workers)
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         if self.num_workers:
-            self._setup_arenas(pin_memory, arena_bytes)
-        self.loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                                 pin_memory=pin_memory, persistent_workers=False,
+            self._setup_arenas(self.pin_memory, self.arena_bytes)
+        self.loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                                 pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                                  prefetch_factor=self.PREFETCH if self.num_workers else None)
+        self.finished = True  # the last epoch ran to its end (else its workers hold undelivered blocks)
 
     def _setup_arenas(self, pin: bool, size: int | None) -> None:
         """Room per worker for what it may have ready, plus two steps' worth held by the trainer
@@ -268,13 +289,7 @@ class StepLoader:
         if not size:
             ds.arenas = []  # the ordinary DataLoader hand-off
             return
-        reuse = len(ds.arenas) == self.num_workers and not getattr(ds, "arenas_busy", False) \
-            and all(a.size == size and a.idle() for a in ds.arenas)
-        if reuse:
-            for a in ds.arenas:
-                a.reset()
-        else:  # in use by a consumer that still holds micro-batches, or sized for other data
-            ds.arenas = [Arena(size) for _ in range(self.num_workers)]
+        ds.arenas = [Arena(size) for _ in range(self.num_workers)]
         if pin:
             for a in ds.arenas:
                 a.pin()
@@ -283,20 +298,23 @@ class StepLoader:
         return self.dataset.plan.steps_per_epoch - self.dataset.start_step
 
     def __iter__(self):
+        if self.num_workers and not self.finished:  # an epoch left mid-way: start afresh
+            self._start_workers()
         per_step = len(self.dataset.streams)
         arenas, group = self.dataset.arenas, []
-        self.dataset.arenas_busy = True  # until this epoch's workers are done with the arenas
+        self.finished = False
         for mb in self.loader:
             if "arena" in mb:  # view the block where the worker wrote it
                 worker, offset, end, shape, dtype = mb.pop("arena")
                 block = arenas[worker].tensor(offset, shape, np.dtype(dtype))
                 mb.update({f: block[j] for j, f in enumerate(self.dataset.fields)})
+                mb["lengths"], mb["labels"] = torch.from_numpy(mb["lengths"]), torch.from_numpy(mb["labels"])
                 mb["_free"] = (arenas[worker], end)
             group.append(mb)
             if len(group) == per_step:
                 yield sorted(group, key=lambda b: b["stream"])
                 group = []
-        self.dataset.arenas_busy = False
+        self.finished = True
 
 
 def shm_free() -> int:

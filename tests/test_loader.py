@@ -132,7 +132,7 @@ def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, are
         assert all(a.idle() for a in ds.arenas)
         if arena_bytes:  # wrapped: more bytes went through each ring than it holds
             assert paths["arena"] > 2 and paths["copy"] >= 1
-            assert all(int(a.counters[0]) > a.size for a in ds.arenas)
+            assert any(int(a.counters[0]) > a.size for a in ds.arenas)
         else:
             assert paths == {"arena": 2 * plan.steps_per_epoch}
 

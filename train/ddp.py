@@ -280,6 +280,7 @@ class Trainer:
     global_step: int = 0
     history: list = field(default_factory=list)
     run: dict = field(default_factory=dict)
+    steps: StepLoader | None = None  # one for the run: its loader workers live across epochs
 
     def state(self, epoch: int, step: int, stats: EpochStats) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -298,7 +299,9 @@ class Trainer:
         stats.steps counts the epoch's steps, those before a resume included."""
         cfg, setup, inputs = self.cfg, self.setup, TRAIN_INPUTS[self.cfg.train_on]
         self.dataset.set_position(epoch, start_step)
-        steps = StepLoader(self.dataset, self.loader_workers, pin_memory=setup.device.type == "cuda")
+        if self.steps is None:
+            self.steps = StepLoader(self.dataset, self.loader_workers, pin_memory=setup.device.type == "cuda")
+        steps = self.steps
         bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                    disable=cfg.quiet or not setup.master)
         ctx = autocast(setup.device.type, cfg.amp)
