@@ -1,12 +1,15 @@
 """Does length bucketing cost accuracy when lengths depend on class (real HMDB51)? Accuracy and padding, both ways.
 
-    python bench/bucketing.py [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform]
+    python bench/bucketing.py [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform] [--loaders bucketed unbucketed seed]
 
 For each length model, one HMDB51-shaped demo tree (51 classes, --videos-per-class per phase), then
-training runs per seed and loader setting: `bucketed` (the default shuffle window) and `unbucketed`
-(a window of one micro-batch: plain shuffled batches, as the seed's loader forms them). Prints, per
-row, the padding share a padded layout would waste and the best LR test accuracy over the last 4
-epochs (single epochs swing a lot at this size), per seed and on average.
+training runs per seed and loader: `bucketed` (train/ddp.py's default shuffle window), `unbucketed`
+(a window of one micro-batch: plain shuffled batches) and `seed`: the seed's own training loop (its
+per-file data layer, every (video, resolution) an item of a shuffled DataLoader, batches padded to
+the split's longest video, the same model, RMSprop and learning rate). Every run is one process (a
+step's videos do not depend on the number of processes, elr/data.py). Prints, per row, the padding
+share a padded layout would waste and the best LR test accuracy over the last 4 epochs (single
+epochs swing a lot at this size), per seed and on average.
 """
 
 import argparse
@@ -16,6 +19,9 @@ import shutil
 import sys
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/ (bench/train.py)
 
@@ -24,6 +30,7 @@ from shards.demo import DemoConfig, make_demo  # noqa: E402
 
 
 def run(shards, out, seed, epochs, buffer, args):
+    """(best LR test accuracy of the last 4 epochs, mean padding share) of a train/ddp.py run."""
     from train.ddp import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
@@ -33,6 +40,38 @@ def run(shards, out, seed, epochs, buffer, args):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f]
     return max(r["test_acc"] for r in history[-4:]), float(np.mean([r["padding"] for r in history]))
+
+
+def run_seed_loop(root, seed, epochs, args):
+    """The same, for the seed's training loop (one process): its data layer and padded batches."""
+    from bench.train import SeedDataLayer
+    from elr.model import TwoStreamGRU
+
+    torch.manual_seed(seed)
+    train_set = SeedDataLayer(os.path.join(root, "Split1"), ("Train", "Validation"))  # as train/ddp.py too
+    test_set = SeedDataLayer(os.path.join(root, "Split1"), "Test")
+    test_set.items = [item for item in test_set.items if "_lr_features/" in item[0]]  # tested on LR only
+    n_classes = len(os.listdir(os.path.join(root, "Split1", "Train_lr_features")))
+    model = TwoStreamGRU(args.dim, args.hidden, n_classes)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(seed)
+    accs, padding = [], []
+    for _ in range(epochs):
+        model.train()
+        for rgb, flow, lengths, labels in DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                                     generator=order):
+            padding.append(1 - float(lengths.sum()) / (len(lengths) * train_set.max_length))
+            loss = F.cross_entropy(model(rgb, flow, lengths), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        right = 0
+        with torch.no_grad():
+            for rgb, flow, lengths, labels in DataLoader(test_set, batch_size=args.batch_size):
+                right += int((model(rgb, flow, lengths).argmax(1) == labels).sum())
+        accs.append(right / len(test_set))
+    return max(accs[-4:]), float(np.mean(padding))
 
 
 def main():
@@ -45,6 +84,8 @@ def main():
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--loaders", nargs="+", default=["bucketed", "unbucketed"],
+                    choices=["bucketed", "unbucketed", "seed"])
     args = ap.parse_args()
     micro = args.batch_size // 2 // 8  # lr+hr, 8 data streams
     print(f"| lengths | loader | padding | best of last 4 epochs, per seed {args.seeds} | mean |", flush=True)
@@ -55,9 +96,13 @@ def main():
         make_demo(root, DemoConfig(videos_per_class=args.videos_per_class, dim=args.dim, lengths=lengths))
         shards = root + "-shards"
         build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
-        for name, buffer in (("bucketed", 256), ("unbucketed", micro)):
-            results = [run(shards, os.path.join(args.work, lengths, f"run-{name}-{s}"), s, args.epochs, buffer, args)
-                       for s in args.seeds]
+        for name in args.loaders:
+            if name == "seed":
+                results = [run_seed_loop(root, s, args.epochs, args) for s in args.seeds]
+            else:
+                buffer = 256 if name == "bucketed" else micro
+                results = [run(shards, os.path.join(args.work, lengths, f"run-{name}-{s}"), s, args.epochs,
+                               buffer, args) for s in args.seeds]
             accs = [100 * a for a, _ in results]
             print(f"| {lengths} | {name} | {100 * np.mean([p for _, p in results]):.1f}% | "
                   f"{', '.join(f'{a:.1f}' for a in accs)} | {np.mean(accs):.1f}% |", flush=True)

@@ -1,8 +1,9 @@
 """Benchmark sharded evaluation, in one run.
 
-    python bench/eval.py [--work bench/_work] [--hidden 512]
+    python bench/eval.py [--work bench/_work] [--lengths hmdb51] [--hidden 512]
 
-On the HMDB51-sized tree of bench/ingest.py (its Test phase: 1734 videos) and a shard set with both
+On the HMDB51-shaped tree of bench/train.py (51 classes x 34 videos, lengths drawn per class from real
+HMDB51; --lengths uniform: 4-16 units), its Test phase (1734 videos), and a shard set with both
 copies, measures videos/s of `elr-eval run` reading the Zarr copy (LR arrays only) and the tar shards,
 against the seed's per-file loader (one np.load per stream and video, padded to the longest video)
 feeding the same model; then the wall time of 1, 2 and 4 concurrent jobs plus the merge. Every
@@ -49,12 +50,14 @@ def seed_eval(root, model, workers):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--lengths", choices=["hmdb51", "uniform"], default="hmdb51")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    root, shards = os.path.join(args.work, "HMDB51"), os.path.join(args.work, "shards-eval")
+    tag = "" if args.lengths == "uniform" else f"-{args.lengths}"  # the uniform tree keeps its old place
+    root, shards = os.path.join(args.work, f"HMDB51{tag}"), os.path.join(args.work, f"shards-eval{tag}")
     if not os.path.isdir(root):
-        make_demo(root, DemoConfig(videos_per_class=34))
+        make_demo(root, DemoConfig(videos_per_class=34, lengths=args.lengths))
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         build_shards(root, BuildConfig(out=shards, progress=False))
     m = load_manifest(shards)

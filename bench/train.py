@@ -1,9 +1,12 @@
 """Benchmark the training input pipeline against the seed's per-file loader, in one run.
 
-    python bench/train.py [--work bench/_work] [--steps 12] [--batch-size 256] [--device auto] [--amp off]
+    python bench/train.py [--work bench/_work] [--lengths hmdb51] [--steps 12] [--batch-size 256] [--device auto] [--amp off]
 
-On one HMDB51-sized tree (bench/ingest.py makes it) and its tar shards, measures in sequences/s:
-  (a) our shard loader alone          (b) full training steps with it
+On one HMDB51-shaped tree (51 classes x 34 videos per phase, each video's length drawn from its
+class in real HMDB51; --lengths uniform: the older 4-16 units) and its tar shards, measures in sequences/s:
+  (a) our shard loader alone, in the training process and with 1 and 2 DataLoader workers (their
+      micro-batches handed over through shared-memory arenas, elr/arena.py)
+  (b) full training steps with it
   (c) the seed's loader alone: one np.load per stream and sample, padded to the split's longest
       video (HMDB51DataLayer), and training steps with it
   (d) the model alone on batches already in memory (the compute bound)
@@ -44,17 +47,17 @@ class SeedDataLayer(Dataset):
     """The seed's HMDB51DataLayer: every (video, resolution) is one item, read from its own files,
     L2-normalised per unit in numpy and zero-padded to the longest video of the split."""
 
-    def __init__(self, split_root, phase):
-        base = os.path.join(split_root, phase)
-        classes = sorted(os.listdir(base))
+    def __init__(self, split_root, phases):
         self.items, self.max_length = [], 0
-        for label, c in enumerate(classes):
-            for name in sorted(os.listdir(f"{base}_lr_features/{c}")):
-                length = np.load(f"{base}_lr_features/{c}/{name}", mmap_mode="r").shape[0]
-                for res in ("lr", "hr"):
-                    self.items.append((f"{base}_{res}_features/{c}/{name}", f"{base}_{res}_optfl_features/{c}/{name}",
-                                       length, label))
-                self.max_length = max(self.max_length, length)
+        for phase in [phases] if isinstance(phases, str) else phases:  # the seed trains on Train + Validation
+            base = os.path.join(split_root, phase)
+            for label, c in enumerate(sorted(os.listdir(base))):
+                for name in sorted(os.listdir(f"{base}_lr_features/{c}")):
+                    length = np.load(f"{base}_lr_features/{c}/{name}", mmap_mode="r").shape[0]
+                    for res in ("lr", "hr"):
+                        self.items.append((f"{base}_{res}_features/{c}/{name}",
+                                           f"{base}_{res}_optfl_features/{c}/{name}", length, label))
+                    self.max_length = max(self.max_length, length)
 
     def _load(self, path):
         x = np.load(path, allow_pickle=False).astype(np.float32)
@@ -120,6 +123,8 @@ def epoch_rate(loader_factory, sequences_per_item, prepare=None, epoch=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--lengths", choices=["hmdb51", "uniform"], default="hmdb51",
+                    help="video lengths: per class as in real HMDB51, or uniform in 4..16 units")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3, help="(d) and (b) alternate this many times; each step counts with its fastest round")
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per step (LR and HR count separately)")
@@ -139,9 +144,10 @@ def main():
     ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]) \
         if args.amp != "off" else torch.autocast(device.type, enabled=False)
 
-    root, shards = os.path.join(args.work, "HMDB51"), os.path.join(args.work, "shards-train")
+    tag = "" if args.lengths == "uniform" else f"-{args.lengths}"  # the uniform tree keeps its old place
+    root, shards = os.path.join(args.work, f"HMDB51{tag}"), os.path.join(args.work, f"shards-train{tag}")
     if not os.path.isdir(root):
-        make_demo(root, DemoConfig(videos_per_class=34))
+        make_demo(root, DemoConfig(videos_per_class=34, lengths=args.lengths))
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
     half = shards + "-float16"  # the same videos stored as float16 (build-shards --dtype float16)
@@ -157,10 +163,14 @@ def main():
     plan, half_plan = train_plan(shards), train_plan(half)
     n = args.steps
 
-    def our_loader(epoch=0, plan=plan):
-        ds = ShardStream(plan, 0, 1, FIELDS, seed=0)
-        ds.set_position(epoch)
-        return DevicePrefetcher(StepLoader(ds, workers, pin_memory=device.type == "cuda"), INPUTS, device)
+    loaders = {}  # one per (plan, workers), kept across epochs as train/ddp.py keeps its own (and its workers)
+
+    def our_loader(epoch=0, plan=plan, workers=workers):
+        key = (id(plan), workers)
+        if key not in loaders:
+            loaders[key] = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), workers, pin_memory=device.type == "cuda")
+        loaders[key].dataset.set_position(epoch)
+        return DevicePrefetcher(loaders[key], INPUTS, device)
 
     def seed_loader(epoch=0):
         ds = SeedDataLayer(os.path.join(root, "Split1"), "Train")
@@ -181,6 +191,12 @@ def main():
     # after a fork every page of the parent's heap faults on its next write (copy-on-write).
     for epoch in (1, 2):
         rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(our_loader, ours_per_item, epoch=epoch)
+    for k in (0, 1, 2):  # the hand-off between processes: in-process, then 1 and 2 workers, alternating
+        for _ in range(args.rounds):
+            for epoch in (1, 2):  # the second epoch counts (the first grows heaps and arenas)
+                r = epoch_rate(lambda e: our_loader(e, workers=k), ours_per_item, epoch=epoch)
+            key = f"(a) shard loader alone, {k} workers, warm, epoch 2"
+            rows[key] = max(rows.get(key, 0.0), r)
     warm(half)
     for epoch in (1, 2):  # half the bytes to copy; epoch 1 only warms this set's maps and tables
         half_rate = epoch_rate(lambda e: our_loader(e, half_plan), ours_per_item, epoch=epoch)
@@ -266,6 +282,10 @@ def main():
         if f"(a) shard loader alone, {cache}" in rows:
             speedup = rows[f"(a) shard loader alone, {cache}"] / rows[f"(c) seed loader alone, {cache}"]
             print(f"(a) / (c) loader speed-up, {cache}: {speedup:.1f}x")
+    inproc = rows["(a) shard loader alone, 0 workers, warm, epoch 2"]
+    for k in (1, 2):
+        print(f"(a) with {k} worker{'s' * (k > 1)} / in-process, warm, epoch 2: "
+              f"{100 * rows[f'(a) shard loader alone, {k} workers, warm, epoch 2'] / inproc:.0f}%")
     half = rows["(a) float16 shards, warm, epoch 2"] / rows["(c) seed loader alone, warm, epoch 2"]
     print(f"(a) float16 shards / (c), warm, epoch 2: {half:.1f}x")
     ceiling = rows["(e) one memory copy per sequence (ceiling)"] / rows["(c) seed loader alone, warm, epoch 2"]

@@ -1,0 +1,340 @@
+"""Our loader against LitData, Mosaic Streaming (MDS) and plain WebDataset, on the same videos, in one run.
+
+    bash scripts/setup-bench.sh                     # .venv-bench: the project + the [bench] extra, torch pinned
+    .venv-bench/bin/python bench/peers.py [--work bench/_work] [--rounds 3] [--batch-size 256]
+
+The Train phase of the real-length tree of bench/train.py (51 classes x 34 videos, lengths drawn per
+class from real HMDB51, dim 4096) is written three more ways: LitData (`litdata.optimize`), MDS
+(`streaming.MDSWriter`) and our tar shards read by plain `webdataset`. Every loader runs over two
+epochs, alternating with the others for --rounds; the second epoch's sequences/s counts (best round),
+with the peak RSS of the loader's process tree and an exact-once check (every video once per epoch;
+ours adds its documented equal-steps repeats). A step is the seed's global batch: 128 videos, each
+as an LR and an HR sequence (256 sequences). Ours hands out the step unpadded (LR then HR units end
+to end, elr/data.py), and so do the peers' collates (`--peer-collate concat`, the default: the same
+step, the fairest comparison); `--peer-collate pad` pads each peer batch to its longest video instead
+(the seed's layout, per batch rather than per split), which at HMDB51's lengths moves several times
+the bytes. Rows in the same run, for the ratios of
+issue 11: the seed's loader (bench/train.py's SeedDataLayer, 2 workers) and the one-copy ceiling (e).
+Cold rows: one epoch of each loader at 0 workers after the page cache is dropped (root only).
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
+
+from bench.ingest import warm  # noqa: E402
+from bench.train import SeedDataLayer, copy_ceiling, drop_caches  # noqa: E402
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields  # noqa: E402
+from elr.data import phase_shards  # noqa: E402
+from shards.build import BuildConfig, build_shards  # noqa: E402
+from shards.demo import DemoConfig, make_demo  # noqa: E402
+from shards.manifest import load_manifest  # noqa: E402
+from shards.memory import keep_freed_memory  # noqa: E402
+from shards.schema import STREAMS  # noqa: E402
+from shards.source import discover  # noqa: E402
+
+INPUTS = TRAIN_INPUTS["lr+hr"]
+FIELDS = input_fields(INPUTS)  # lr_rgb, lr_flow, hr_rgb, hr_flow
+
+
+# ---- the same videos, written the peers' ways
+
+
+def source_videos(root):
+    """[(key, label, {stream: path})] of the Train phase, in a fixed order."""
+    tree = discover(root, ["Split1"])
+    return [(v.key, tree.classes.index(v.class_name), dict(zip(STREAMS, v.paths)))
+            for v in tree.phases[("Split1", "Train")]]
+
+
+def read_video(item):
+    key, label, paths = item
+    return {"key": key, "label": label, **{f: np.load(paths[f], allow_pickle=False) for f in FIELDS}}
+
+
+def write_litdata(videos, out):
+    import litdata
+
+    litdata.optimize(fn=read_video, inputs=videos, output_dir=out, chunk_bytes="64MB", num_workers=2,
+                     mode="overwrite")
+
+
+def mds_api():
+    """Mosaic Streaming's (MDSWriter, StreamingDataset). `import streaming` runs the package's __init__,
+    which imports torchvision for its vision datasets; torchvision must match torch's build exactly
+    and fails to load beside a locally built torch. MDS itself needs none of it, so where that import
+    fails, the package's own modules are loaded from where pip put them, without its __init__."""
+    try:
+        from streaming import MDSWriter, StreamingDataset
+    except (ImportError, RuntimeError):
+        import importlib.util
+        import types
+
+        for name in [m for m in sys.modules if m == "streaming" or m.startswith("streaming.")]:
+            del sys.modules[name]  # the half-imported package
+        spec = importlib.util.find_spec("streaming")
+        package = types.ModuleType("streaming")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["streaming"] = package
+        from streaming.base import MDSWriter, StreamingDataset
+    return MDSWriter, StreamingDataset
+
+
+def write_mds(videos, out):
+    MDSWriter, _ = mds_api()
+    columns = {"key": "str", "label": "int", **{f: "ndarray:float32" for f in FIELDS}}
+    with MDSWriter(out=out, columns=columns, size_limit=64 << 20) as writer:
+        for item in videos:
+            writer.write(read_video(item))
+
+
+def disk_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+# ---- loaders: each yields steps as (keys, sequences)
+
+
+def concat_collate(samples):
+    """The peers' step, as ours hands it out: every video's LR units end to end, then its HR units."""
+    out = {name: torch.cat([torch.as_tensor(s[f]) for f in fields for s in samples]) for name, fields in INPUTS.items()}
+    lengths = torch.tensor([s["lr_rgb"].shape[0] for s in samples] * 2)
+    labels = torch.tensor([int(s["label"]) for s in samples] * 2)
+    return {"keys": [s["key"] for s in samples], "lengths": lengths, "labels": labels, **out}
+
+
+def pad_collate(samples):
+    """The peers' step, padded (--peer-collate pad): LR then HR sequences, padded to the batch's longest video."""
+    longest = max(s["lr_rgb"].shape[0] for s in samples)
+    dim = samples[0]["lr_rgb"].shape[1]
+    out = {name: torch.zeros(2 * len(samples), longest, dim) for name in ("rgb", "flow")}
+    for name, (lr, hr) in INPUTS.items():
+        for i, s in enumerate(samples):
+            for j, field in enumerate((lr, hr)):
+                x = torch.as_tensor(s[field])
+                out[name][j * len(samples) + i, :len(x)] = x
+    lengths = torch.tensor([s["lr_rgb"].shape[0] for s in samples] * 2)
+    labels = torch.tensor([int(s["label"]) for s in samples] * 2)
+    return {"keys": [s["key"] for s in samples], "lengths": lengths, "labels": labels, **out}
+
+
+def webdataset_sample(sample):
+    """A plain-webdataset tar sample -> the dict pad_collate reads."""
+    import json
+
+    meta = json.loads(sample["json"])
+    return {"key": sample["__key__"], "label": meta["label"],
+            **{f: np.load(__import__("io").BytesIO(sample[f"{f}.npy"]), allow_pickle=False) for f in FIELDS}}
+
+
+class Loaders:
+    def __init__(self, args, shards, lit, mds, root):
+        self.args, self.shards, self.lit_dir, self.mds_dir, self.root = args, shards, lit, mds, root
+        self.videos = args.batch_size // 2
+        self.plan = StreamPlan(phase_shards(load_manifest(shards), shards, "Split1", ["Train"]), 8, self.videos // 8)
+        self.ours_ds = {}
+        self.collate = pad_collate if args.peer_collate == "pad" else concat_collate
+        self.peer_ds = {}
+
+    def ours(self, workers, epoch):
+        if workers not in self.ours_ds:  # one loader per setting, as train/ddp.py keeps one (and its workers)
+            self.ours_ds[workers] = StepLoader(ShardStream(self.plan, 0, 1, FIELDS, seed=0), workers)
+        steps = self.ours_ds[workers]
+        steps.dataset.set_position(epoch)
+        for group, batch in DevicePrefetcher(steps, INPUTS, "cpu"):
+            yield [k for mb in group for k in mb["keys"]], len(batch["labels"])
+
+    def litdata(self, workers, epoch):
+        import litdata
+
+        ds = self.peer_ds.get(("lit", workers))
+        if ds is None:  # one dataset and loader per setting: LitData counts epochs itself
+            decode = int(self.args.batch_decode) if self.args.batch_decode.isdigit() else self.args.batch_decode
+            ds = litdata.StreamingDataset(self.lit_dir, shuffle=True, seed=0, batch_decode=decode)
+            loader = litdata.StreamingDataLoader(ds, batch_size=self.videos, num_workers=workers,
+                                                 collate_fn=self.collate)
+            self.peer_ds[("lit", workers)] = ds = loader
+        for batch in ds:
+            yield batch["keys"], len(batch["labels"])
+
+    def mds(self, workers, epoch):
+        _, StreamingDataset = mds_api()
+        ds = self.peer_ds.get(("mds", workers))
+        if ds is None:
+            ds = StreamingDataset(local=self.mds_dir, shuffle=True, shuffle_seed=0, batch_size=self.videos)
+            self.peer_ds[("mds", workers)] = ds
+        loader = DataLoader(ds, batch_size=self.videos, num_workers=workers, collate_fn=self.collate)
+        for batch in loader:
+            yield batch["keys"], len(batch["labels"])
+
+    def webdataset(self, workers, epoch):
+        import webdataset as wds
+
+        urls = [s.url for s in self.plan.shards]
+        ds = wds.WebDataset(urls, shardshuffle=len(urls), seed=epoch, empty_check=False,
+                            workersplitter=wds.split_by_worker).shuffle(256, seed=epoch).map(webdataset_sample)
+        loader = DataLoader(ds, batch_size=self.videos, num_workers=workers, collate_fn=self.collate)
+        for batch in loader:
+            yield batch["keys"], len(batch["labels"])
+
+    def seed(self, workers, epoch):
+        ds = SeedDataLayer(os.path.join(self.root, "Split1"), "Train")
+        for rgb, flow, lengths, labels in DataLoader(ds, batch_size=self.args.batch_size, shuffle=True,
+                                                     num_workers=workers):
+            yield None, len(labels)
+
+
+class PeakRSS:
+    """Peak resident memory of this process and its children, sampled every 20 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self.stop, me = threading.Event(), psutil.Process()
+
+        def tree_rss():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            return total
+
+        self.start = self.peak = tree_rss()  # what earlier loaders left in this process is not this one's
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, tree_rss())
+                time.sleep(0.02)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def run_epochs(loader, workers, epochs):
+    """[(sequences/s, Counter of keys)] per epoch, and the peak RSS over them."""
+    results = []
+    with PeakRSS() as rss:
+        for epoch in epochs:
+            t, n, keys = time.perf_counter(), 0, Counter()
+            for step_keys, sequences in loader(workers, epoch):
+                n += sequences
+                if step_keys is not None:
+                    keys.update(step_keys)
+            results.append((n / (time.perf_counter() - t), keys))
+    return results, rss.peak - rss.start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--videos-per-class", type=int, default=34, help="per phase; 34: bench/train.py's tree")
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=256, help="sequences per step (each video gives LR and HR)")
+    ap.add_argument("--peer-collate", choices=["concat", "pad"], default="concat",
+                    help="concat: the peers hand out ours's unpadded step; pad: padded to each batch's longest video")
+
+    ap.add_argument("--batch-decode", default="1",
+                    help="LitData's StreamingDataset(batch_decode=...): 1, its fastest here (its default, auto, ran 10x slower)")
+    ap.add_argument("--loaders", nargs="+", default=["ours", "litdata", "mds", "webdataset", "seed"])
+    args = ap.parse_args()
+    keep_freed_memory()  # every loader in this process (and its forked workers) gets the same malloc tuning
+    root, shards = os.path.join(args.work, "HMDB51-hmdb51"), os.path.join(args.work, "shards-train-hmdb51")
+    if not os.path.isdir(root):
+        make_demo(root, DemoConfig(videos_per_class=args.videos_per_class, dim=args.dim, lengths="hmdb51"))
+    if not os.path.exists(os.path.join(shards, "manifest.json")):
+        build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
+    lit, mds = os.path.join(args.work, "peers", "litdata"), os.path.join(args.work, "peers", "mds")
+    videos = source_videos(root)
+    for name, folder, write in (("litdata", lit, write_litdata), ("mds", mds, write_mds)):
+        if name in args.loaders and not os.path.isdir(folder):
+            t = time.perf_counter()
+            write(videos, folder + ".tmp")
+            shutil.move(folder + ".tmp", folder)
+            print(f"wrote {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    tar_bytes = sum(s.bytes for s in Loaders(args, shards, lit, mds, root).plan.shards)
+    n_videos = len(videos)
+    print(f"{n_videos} videos, {sum(r['units'] for r in load_manifest(shards)['splits']['Split1']['Train']['samples'])} "
+          f"units; disk: ours {tar_bytes / 1e9:.2f} GB"
+          + (f", litdata {disk_bytes(lit) / 1e9:.2f} GB" if os.path.isdir(lit) else "")
+          + (f", mds {disk_bytes(mds) / 1e9:.2f} GB" if os.path.isdir(mds) else ""), flush=True)
+
+    loaders = Loaders(args, shards, lit, mds, root)
+    settings = [(name, k) for name in args.loaders for k in ((2,) if name == "seed" else (0, 1, 2))]
+    rows, checks, peaks = {}, {}, {}
+    warm(shards), warm(root)
+    for folder in (lit, mds):
+        if os.path.isdir(folder):
+            warm(folder)
+    slots = loaders.plan.steps_per_epoch * 8 * loaders.plan.micro_batch
+    for r in range(args.rounds):
+        for name, k in settings:
+            epochs = (2 * r, 2 * r + 1)
+            results, peak = run_epochs(getattr(loaders, name), k, epochs)
+            rows[(name, k)] = max(rows.get((name, k), 0.0), results[1][0])
+            peaks[(name, k)] = max(peaks.get((name, k), 0), peak)
+            for _, keys in results:
+                if name != "seed":
+                    repeats = slots - n_videos if name == "ours" else 0
+                    ok = len(keys) == n_videos and sum(keys.values()) == n_videos + repeats
+                    checks[(name, k)] = checks.get((name, k), True) and ok
+            print(f"round {r + 1}: {name} {k} workers: {results[1][0]:.0f} seq/s", flush=True)
+    cold = {}
+    if drop_caches():
+        from shards.tario import forget_mapped_shards
+
+        for name in args.loaders:
+            if name == "ours":
+                forget_mapped_shards()
+            drop_caches()
+            k = 2 if name == "seed" else 0
+            fresh = Loaders(args, shards, lit, mds, root)  # no state kept from the warm rounds
+            (rate, _), = run_epochs(getattr(fresh, name), k, (100,))[0]
+            cold[name] = rate
+    m = load_manifest(shards)
+    units = sum(r["units"] for r in m["splits"]["Split1"]["Train"]["samples"])
+    ceiling = copy_ceiling(int(2 * units / n_videos * m["dim"] * 4))  # a sequence: RGB + flow of one resolution
+
+    print("\n| loader | workers | seq/s, epoch 2 | x seed | peak RSS added | exact once |")
+    print("|---|---:|---:|---:|---:|---|")
+    seed = rows.get(("seed", 2))
+    for (name, k), rate in rows.items():
+        check = "-" if name == "seed" else ("yes" if checks[(name, k)] else "NO")
+        print(f"| {name} | {k} | {rate:,.0f} | {rate / seed:.1f}x | {peaks[(name, k)] / 1e9:.2f} GB | {check} |"
+              if seed else f"| {name} | {k} | {rate:,.0f} | | {peaks[(name, k)] / 1e9:.2f} GB | {check} |")
+    print(f"| one memory copy per sequence (e) | | {ceiling:,.0f} | | | |")
+    for name, rate in cold.items():
+        print(f"| {name}, cold cache | {2 if name == 'seed' else 0} | {rate:,.0f} | | | |")
+    ours_default = rows.get(("ours", 0))
+    peers = {key: v for key, v in rows.items() if key[0] not in ("ours", "seed")}
+    if ours_default and peers:
+        best = max(peers, key=peers.get)
+        print(f"\nours in-process / best peer ({best[0]}, {best[1]} workers): {ours_default / peers[best]:.2f}x (target 3x)")
+    if ours_default and seed:
+        print(f"ours in-process / seed's loader: {ours_default / seed:.1f}x (target 20x)")
+    if ours_default:
+        print(f"ours in-process / one-copy ceiling (e): {100 * ours_default / ceiling:.0f}% (target 60%)")
+        for k in (1, 2):
+            if ("ours", k) in rows:
+                print(f"ours with {k} workers / in-process: {100 * rows[('ours', k)] / ours_default:.0f}% (target 90%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
