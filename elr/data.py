@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -366,21 +365,14 @@ def input_fields(inputs: dict) -> tuple:
     return tuple(f for group in zip(*inputs.values()) for f in group)
 
 
-def _sequences(micro_batch: dict, field: str) -> list:
-    """A micro-batch field as tensors: its one block (from a worker), or its samples' arrays (in-process)."""
-    x = micro_batch[field]
-    if isinstance(x, torch.Tensor):
-        return [x]
-    with warnings.catch_warnings():  # the arrays view read-only shard maps; torch only reads them
-        warnings.simplefilter("ignore", UserWarning)
-        return [torch.from_numpy(a) for a in x]
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 
 
 def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> dict:
     """Join a step's micro-batches into one (total units, D) tensor per model input, on `device`.
 
     `inputs` maps each input to the fields it stacks (see TRAIN_INPUTS): its sequences go end to end,
-    field after field, in one torch.cat into a tensor allocated once (pinned on CUDA, then one copy to
+    field after field, in one concatenate into a tensor allocated once (pinned on CUDA, then one copy to
     the GPU); lengths and labels are repeated to match. pack_units turns the result into the GRUs' input."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -391,16 +383,17 @@ def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> 
            "labels": labels.repeat(copies).to(device, non_blocking=non_blocking)}
     units = copies * int(lengths.sum())
     for name, fields in inputs.items():
-        parts = [t for f in fields for mb in micro_batches for t in _sequences(mb, f)]
-        shape, dtype = (units, parts[0].shape[1]), parts[0].dtype
-        if cuda and all(t.is_pinned() for t in parts):  # blocks from workers, pinned by the DataLoader
-            out[name], row = torch.empty(shape, dtype=dtype, device=device), 0
-            for t in parts:
-                out[name][row:row + len(t)].copy_(t, non_blocking=non_blocking)
-                row += len(t)
-        else:
-            host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-            torch.cat(parts, out=host)
+        # a field of a micro-batch: one block (from a worker) or its samples' arrays (in-process)
+        blocks = [mb[f] for f in fields for mb in micro_batches]
+        if cuda and all(isinstance(b, torch.Tensor) and b.is_pinned() for b in blocks):  # pinned arenas
+            out[name], row = torch.empty((units, blocks[0].shape[1]), dtype=blocks[0].dtype, device=device), 0
+            for b in blocks:
+                out[name][row:row + len(b)].copy_(b, non_blocking=non_blocking)
+                row += len(b)
+        else:  # numpy's concatenate copies 1.6-1.8x faster than torch.cat here (many small parts)
+            parts = [a for b in blocks for a in ([b.numpy()] if isinstance(b, torch.Tensor) else b)]
+            host = torch.empty((units, parts[0].shape[1]), dtype=TORCH_DTYPES[parts[0].dtype], pin_memory=cuda)
+            np.concatenate(parts, out=host.numpy())
             out[name] = host.to(device, non_blocking=non_blocking) if cuda else host
     return out
 
