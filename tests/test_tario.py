@@ -4,6 +4,7 @@ import io
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from shards.errors import ShardCorruptError
@@ -71,6 +72,13 @@ def test_mapped_samples_skip_take_and_a_rewritten_shard_is_read_again(tmp_path):
     assert every[3] == {"__key__": "k003", "json": b"3json", "lr_rgb.npy": b"3lr_rgb.npy"}
     assert as_bytes(mapped_samples(path, "c.tar", skip=1, take=2)) == every[1:3]
     assert as_bytes(mapped_samples(path, "c.tar", skip=4)) == every[4:]
+    from shards.tario import _mapped_shard
+    table = _mapped_shard(path, "c.tar")[1]  # what a process keeps per shard: arrays, ~60 bytes a sample
+    assert table.rows is None and table.spans.dtype == np.uint32 and table.spans.shape == (5, 2, 2)
+    assert table.keys.dtype.kind == "S" and len(table) == 5
+    uneven = write_tar(str(tmp_path / "e.tar"), tarfile.USTAR_FORMAT, {"a.json": b"1", "a.x": b"2", "b.json": b"3"})
+    assert _mapped_shard(uneven, "e.tar")[1].rows is not None  # samples with other fields keep their dicts
+    assert as_bytes(mapped_samples(uneven, "e.tar", skip=1)) == [{"__key__": "b", "json": b"3"}]
     # the writer replaces shards by rename: a new file at the same path is parsed again, not served from the table
     rewritten = write_tar(str(tmp_path / "d.tar"), tarfile.USTAR_FORMAT, {"z.json": b"{}"})
     os.replace(rewritten, path)
