@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import remote
 from elr.arena import Arena
+from shards import remote
 from shards.errors import ManifestError
 from shards.manifest import parse_rows
 from shards.schema import LR
@@ -266,16 +266,16 @@ class StepLoader:
 
     def _start_workers(self) -> None:
         if self.num_workers:
-            self._setup_arenas(self.pin_memory, self.arena_bytes)
+            self._setup_arenas()
         self.loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                                  pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                                  prefetch_factor=self.PREFETCH if self.num_workers else None)
         self.finished = True  # the last epoch ran to its end (else its workers hold undelivered blocks)
 
-    def _setup_arenas(self, pin: bool, size: int | None) -> None:
+    def _setup_arenas(self) -> None:
         """Room per worker for what it may have ready, plus two steps' worth held by the trainer
         (one being assembled, one being copied to the GPU), twice over for uneven lengths."""
-        ds, plan = self.dataset, self.dataset.plan
+        ds, plan, size = self.dataset, self.dataset.plan, self.arena_bytes
         if size is None:
             per_step = len(ds.streams) // self.num_workers
             known = [s for s in plan.shards if s.bytes]
@@ -289,7 +289,7 @@ class StepLoader:
             ds.arenas = []  # the ordinary DataLoader hand-off
             return
         ds.arenas = [Arena(size) for _ in range(self.num_workers)]
-        if pin:
+        if self.pin_memory:
             for a in ds.arenas:
                 a.pin()
 

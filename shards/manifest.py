@@ -14,6 +14,7 @@ import json
 import os
 
 from . import remote
+from .atomic import atomic_write, write_json_atomic
 from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -118,17 +119,12 @@ def store_manifest(root: str, manifest: dict) -> None:
     """Write a shard set's index: for version 2, each phase's "samples" go to its sample table (and
     the entry gets the table's hash, the shards their rows' positions, the phase its counts); then
     manifest.json. Every file is written to a temporary name and renamed."""
-    from .atomic import atomic_write, write_json_atomic
-
     if manifest["format_version"] >= 2:
         manifest = {**manifest, "splits": {split: dict(phases) for split, phases in manifest["splits"].items()}}
         for split, phase, entry in list(iter_phases(manifest)):
             entry = {**entry}
             samples = entry.pop("samples")
-            lines = [table_lines([s]) for s in samples]
-            data, starts = b"".join(lines), [0]
-            for line in lines:
-                starts.append(starts[-1] + len(line))
+            data, starts = table_lines(samples), row_starts(samples)
             rel = f"{split}/{phase}.samples.jsonl"
             with atomic_write(os.path.join(root, rel)) as f:
                 f.write(data)
@@ -144,6 +140,14 @@ def store_manifest(root: str, manifest: dict) -> None:
                          units=summary["units"], label_counts=summary["label_counts"])
             manifest["splits"][split][phase] = entry
     write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
+
+
+def row_starts(rows) -> list:
+    """The byte offset of each row in its sample table, and the table's end."""
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + len(table_lines([r])))
+    return starts
 
 
 def table_lines(rows) -> bytes:
