@@ -177,14 +177,18 @@ class SampleTable:
     def __len__(self):
         return len(self.rows) if self.rows is not None else len(self.keys)
 
-    def entries(self, skip: int, take: int | None):
-        """({"__key__": key, field: (start, length)}) of samples skip..skip+take."""
+    def samples(self, view: memoryview, skip: int, take: int | None):
+        """Raw samples skip..skip+take: {"__key__": key, field: view of its bytes}."""
         end = None if take is None else skip + take
         if self.rows is not None:
-            yield from self.rows[skip:end]
+            for row in self.rows[skip:end]:
+                yield {f: v if f == "__key__" else view[v[0]:v[0] + v[1]] for f, v in row.items()}
             return
         for key, spans in zip(self.keys[skip:end].tolist(), self.spans[skip:end].tolist()):
-            yield {"__key__": key.decode() if isinstance(key, bytes) else key, **dict(zip(self.fields, spans))}
+            sample = {"__key__": key.decode() if isinstance(key, bytes) else key}
+            for field, (start, length) in zip(self.fields, spans):
+                sample[field] = view[start:start + length]
+            yield sample
 
 
 def _mapped_shard(path: str, name: str) -> tuple:
@@ -217,12 +221,7 @@ def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int 
     that start mid-shard skip samples without reading them, and later epochs parse and map nothing
     (the page tables stay filled)."""
     view, table = _mapped_shard(path, name or path)
-    for entry in table.entries(skip, take):
-        sample = {"__key__": entry["__key__"]}
-        for field, span in entry.items():
-            if field != "__key__":
-                sample[field] = view[span[0]:span[0] + span[1]]
-        yield sample
+    yield from table.samples(view, skip, take)
 
 
 def group_samples(members, name: str):
