@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from elr.arena import Arena
 from shards import remote
 from shards.errors import ManifestError
-from shards.manifest import parse_rows
+from shards.manifest import join_path, parse_rows
 from shards.schema import LR
 from shards.tario import decode_sample, iter_raw_samples
 from shards.zarrio import ZarrPhaseReader
@@ -73,14 +73,10 @@ def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
             rows = None
             if "table" in entry and remote.is_url(root):  # only remote shards need spans (range reads)
                 end = listed[i + 1]["table_offset"] if i + 1 < len(listed) else entry["table"]["bytes"]
-                rows = (_join(root, entry["table"]["path"]), s["table_offset"], end)
-            shards.append(ShardRef(_join(root, s["path"]), s["samples"],
+                rows = (join_path(root, entry["table"]["path"]), s["table_offset"], end)
+            shards.append(ShardRef(join_path(root, s["path"]), s["samples"],
                                    tuple(found) if found and len(found) == s["samples"] else None, s["bytes"], rows))
     return shards
-
-
-def _join(root: str, rel: str) -> str:
-    return remote.join(root, rel) if remote.is_url(root) else os.path.join(root, rel)
 
 
 @dataclass

@@ -44,10 +44,6 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def manifest_path(root: str) -> str:
-    return remote.join(root, MANIFEST_NAME) if remote.is_url(root) else os.path.join(root, MANIFEST_NAME)
-
-
 def load_manifest(root: str, samples: bool = True) -> dict:
     """The validated manifest of a shard set: a local folder or any fsspec URL (http(s)://, s3://...).
 
@@ -75,20 +71,20 @@ def load_manifest(root: str, samples: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not JSON ({e})") from None
     validate_manifest(manifest, path)
-    if samples and manifest["format_version"] >= 2:
-        root = root[len("file://"):] if root.startswith("file://") else root
+    if samples and manifest["format_version"] >= 2:  # (root: a URL, or a local path without file://)
         for split, phase, entry in iter_phases(manifest):
             entry["samples"] = read_table(root, entry["table"], f"splits.{split}.{phase}", len(manifest["classes"]))
     return manifest
 
 
-def _table_url(root: str, rel: str) -> str:
+def join_path(root: str, rel: str) -> str:
+    """A path inside a shard set, local or remote."""
     return remote.join(root, rel) if remote.is_url(root) else os.path.join(root, rel)
 
 
 def read_table(root: str, table: dict, where: str, n_classes: int) -> list:
     """The rows of a sample table, checked against the manifest's hash and row count."""
-    path = _table_url(root, table["path"])
+    path = join_path(root, table["path"])
     try:
         if remote.is_url(root):
             data = remote.read_bytes(path)
@@ -124,7 +120,7 @@ def store_manifest(root: str, manifest: dict) -> None:
         for split, phase, entry in list(iter_phases(manifest)):
             entry = {**entry}
             samples = entry.pop("samples")
-            data, starts = table_lines(samples), row_starts(samples)
+            data, starts = encode_table(samples)
             rel = f"{split}/{phase}.samples.jsonl"
             with atomic_write(os.path.join(root, rel)) as f:
                 f.write(data)
@@ -142,17 +138,14 @@ def store_manifest(root: str, manifest: dict) -> None:
     write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest)
 
 
-def row_starts(rows) -> list:
-    """The byte offset of each row in its sample table, and the table's end."""
+def encode_table(rows) -> tuple:
+    """(the bytes of a sample table: one compact JSON object per line, keys sorted; the byte offset
+    of each row, and the table's end)."""
+    lines = [json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in rows]
     starts = [0]
-    for r in rows:
-        starts.append(starts[-1] + len(table_lines([r])))
-    return starts
-
-
-def table_lines(rows) -> bytes:
-    """The bytes of a sample table: one compact JSON object per line (keys sorted)."""
-    return b"".join(json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in rows)
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    return b"".join(lines), starts
 
 
 def _check(ok: bool, path: str, problem: str) -> None:

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import BadVideoError, ELRError
-from .manifest import file_sha256, iter_phases, load_manifest, row_starts, unlisted_files
+from .manifest import encode_table, file_sha256, iter_phases, load_manifest, unlisted_files
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
 from .source import SourceVideo, discover, load_video
@@ -119,7 +119,7 @@ def _check_table_positions(entry: dict, where: str) -> list:
     if "table" not in entry:
         return []
     problems, samples = [], entry["samples"]
-    starts = row_starts(samples)
+    starts = encode_table(samples)[1]
     for shard in entry.get("webdataset", {}).get("shards", []):
         first, n, name = shard["first"], shard["samples"], os.path.basename(shard["path"])
         rows = samples[first:first + n]
