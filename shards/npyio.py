@@ -2,6 +2,7 @@
 
 import functools
 import io
+import os
 
 import numpy as np
 
@@ -32,6 +33,38 @@ def parse_npy_header(fp):
     return shape, fortran, dtype, fp.tell()
 
 
+def header_length(raw) -> int | None:
+    """Bytes of the whole header (magic, length field, dict) that `raw` starts with; None if `raw` is too
+    short to say, or is not a format 1.0/2.0 header (the parser then says what is wrong)."""
+    if raw[:8] == b"\x93NUMPY\x01\x00" and len(raw) >= 10:
+        return 10 + int.from_bytes(raw[8:10], "little")
+    if raw[:8] == b"\x93NUMPY\x02\x00" and len(raw) >= 12:
+        return 12 + int.from_bytes(raw[8:12], "little")
+    return None
+
+
+def npy_layout(raw) -> tuple:
+    """(shape, order, dtype, data offset, data bytes) of the `.npy` bytes `raw` starts with."""
+    end = header_length(raw)
+    if end is not None and end <= len(raw) and end <= 1 << 16:
+        return _cached_layout(bytes(raw[:end]))
+    shape, fortran, dtype, offset = parse_npy_header(io.BytesIO(raw[:1 << 16]))  # raises what is wrong
+    return shape, "F" if fortran else "C", dtype, offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def read_npy_layout(path: str) -> tuple:
+    """npy_layout of a file and its size in bytes, reading only its header (FileNotFoundError if absent)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        head = os.pread(fd, 4096, 0)
+        end = header_length(head)
+        if end is not None and end > len(head):
+            head = os.pread(fd, min(end, 1 << 16), 0)
+        return npy_layout(head), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_layout(head: bytes):
     """(shape, order, dtype, data offset, data bytes) of a complete header. Shard members repeat a
@@ -42,12 +75,7 @@ def _cached_layout(head: bytes):
 
 def npy_from_bytes(raw) -> np.ndarray:
     """Decode `.npy` bytes (or a memoryview) into an array viewing `raw` (no copy, no pickle)."""
-    if raw[:8] == b"\x93NUMPY\x01\x00":  # format 1.0: the header length is in bytes 8-9
-        shape, order, dtype, offset, expected = _cached_layout(bytes(raw[:10 + int.from_bytes(raw[8:10], "little")]))
-    else:
-        fp = io.BytesIO(raw[:1 << 16])  # the header is at most 64 KiB (format 2.0); the data is not copied
-        shape, fortran, dtype, offset = parse_npy_header(fp)
-        order, expected = "F" if fortran else "C", int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape, order, dtype, offset, expected = npy_layout(raw)
     found = len(raw) - offset
     if found < expected:
         raise NpyFormatError(f"truncated: header promises {expected} data bytes, found {found}")
@@ -63,7 +91,13 @@ def npy_parts(arr: np.ndarray) -> list:
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return [_npy_header(arr.shape, arr.dtype), memoryview(arr).cast("B")]
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(shape: tuple, dtype: np.dtype) -> bytes:
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
-    return [header.getvalue(), memoryview(arr).cast("B")]
+    descr = np.lib.format.dtype_to_descr(dtype)
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue()
 

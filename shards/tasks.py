@@ -8,7 +8,6 @@ from .errors import BadVideoError
 from .schema import STREAMS, sample_meta
 from .source import load_video, read_ahead, scan_video
 from .tario import TarShardWriter, sample_digest
-from .zarrio import write_unit_range
 
 
 def scan_batch(videos):
@@ -72,6 +71,8 @@ def zarr_task(staging, store_rel, start, stop, pieces, dim, dtype, direct=True):
     The videos cover every unit of the range (offsets are contiguous), so the blocks need no zeroing.
     Values are not re-scanned: the tar (or validate) task of every video checks them all, and any
     failure there abandons the whole build."""
+    from .zarrio import write_unit_range  # zarr takes 0.3 s to import: only Zarr builds pay it
+
     blocks = _blocks(stop - start, dim, dtype)
     for (v, offset), (_, raws) in zip(pieces, read_ahead([v for v, _ in pieces])):
         arrays = load_video(v, dtype, raws, check_values=False)

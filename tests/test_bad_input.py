@@ -87,7 +87,7 @@ def test_bad_video_fails_with_message_and_no_output(demo_tree, dask_client, dama
     assert not out.exists() and not os.path.exists(str(out) + ".building")
 
 
-@pytest.mark.parametrize("damage", [damage_units, damage_nan], ids=["units", "nan"])
+@pytest.mark.parametrize("damage", [damage_units, damage_nan, damage_missing], ids=["units", "nan", "missing"])
 def test_skip_leaves_video_out_and_lists_it(demo_tree, dask_client, damage):
     from shards.verify import verify_shards
 

@@ -1,5 +1,6 @@
 """DirectFile: exact bytes and hashes around the staging buffer's and O_DIRECT's alignment edges."""
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -48,3 +49,14 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         write_file_atomic(str(tmp_path / "b.bin"), "not a buffer")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_in_the_writer_thread_is_raised(tmp_path):
+    f = DirectFile("/dev/full", direct=False)  # every write fails: ENOSPC
+    with pytest.raises(OSError) as err:
+        for _ in range(3):
+            f.write(bytes(BLOCK))  # the first full block goes to the writer thread
+        f.close()
+    assert err.value.errno == errno.ENOSPC
+    f.abandon()
+    assert f.fd == -1
