@@ -113,11 +113,13 @@ class DirectFile:
 
 
 def write_file_atomic(path: str, data, direct: bool = True) -> dict:
-    """Write `data` to `path` under a temporary name, then rename; returns its bytes and sha256."""
+    """Write `data` (a bytes-like, or a list of them written one after the other) to `path` under a
+    temporary name, then rename; returns its bytes and sha256."""
     tmp = temp_path(path)
     f = DirectFile(tmp, direct)
     try:
-        f.write(data)
+        for part in data if isinstance(data, list) else [data]:
+            f.write(part)
         f.close()
         os.replace(tmp, path)
     except BaseException:

@@ -4,6 +4,7 @@ Streams are separate arrays, so a reader can take the LR streams of a video with
 """
 
 import asyncio
+import json
 import os
 
 import numpy as np
@@ -58,14 +59,90 @@ class ShardFileStore(LocalStore):
         self.written[key] = await asyncio.to_thread(write_file_atomic, path, value.as_buffer_like(), self.direct)
 
 
+# The one layout create_phase_store makes: for it, shard files are encoded here (see write_unit_range)
+_SHARDED = {"bytes": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "index": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}
+_EMPTY = np.iinfo(np.uint64).max  # the index entry of a chunk that is not stored
+
+
+def _shard_layout(path: str, stream: str):
+    """(chunk_units, shard_units, n_units) of a stream array written as create_phase_store writes it,
+    else None (then zarr itself encodes its shards)."""
+    with open(os.path.join(path, stream, "zarr.json")) as f:
+        meta = json.load(f)
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    conf = codecs[0]["configuration"]
+    if (conf.get("codecs") != _SHARDED["bytes"] or conf.get("index_codecs") != _SHARDED["index"]
+            or conf.get("index_location", "end") != "end" or meta.get("fill_value") != 0.0
+            or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}):
+        return None
+    return conf["chunk_shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0], meta["shape"][0]
+
+
+def encode_shard(block: np.ndarray, chunk_units: int, shard_units: int) -> list | None:
+    """The bytes of one shard file, as zarr's sharding codec writes them (the same bytes: tested):
+    its chunks in Morton order, each `chunk_units` rows (the array's last ones padded with the fill
+    value 0), those all +0.0 left out, then the index of (offset, length) pairs and its crc32c. `block`
+    is the shard's rows (fewer than shard_units for the array's last shard); None if nothing is stored."""
+    from zarr.core.indexing import morton_order_iter
+
+    k = shard_units // chunk_units
+    index = np.full((k, 1, 2), _EMPTY, dtype="<u8")
+    parts, offset = [], 0
+    for i, _ in morton_order_iter((k, 1)):
+        chunk = block[i * chunk_units:(i + 1) * chunk_units]
+        if len(chunk) == 0:
+            continue  # wholly past the array's end
+        if len(chunk) < chunk_units:
+            chunk = np.concatenate([chunk, np.zeros((chunk_units - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        if not chunk.view(f"u{chunk.dtype.itemsize}").any():  # zarr stores no chunk whose bits are all the fill
+            continue  # value's (+0.0; a -0.0 is stored)
+        data = memoryview(np.ascontiguousarray(chunk, chunk.dtype.newbyteorder("<"))).cast("B")
+        index[i, 0] = offset, len(data)
+        parts.append(data)
+        offset += len(data)
+    if not parts:
+        return None
+    raw = index.tobytes()
+    return parts + [raw + _crc32c(raw).to_bytes(4, "little")]
+
+
+def _crc32c(data: bytes) -> int:
+    try:
+        from google_crc32c import value  # zarr >= 3.1's own dependency
+    except ImportError:
+        from crc32c import crc32c as value  # zarr 3.0's
+    return value(data)
+
+
 def write_unit_range(path: str, start: int, stop: int, blocks: dict, direct: bool = True) -> list:
     """Write whole shards [start, stop) of every stream; returns [{path, bytes, sha256}] of the files
-    written, paths relative to the store."""
-    store = ShardFileStore(path, direct=direct)
+    written, paths relative to the store.
+
+    Shard files of our own layout are encoded by encode_shard: zarr-python's codec pipeline spent
+    as much CPU again as the rest of a Zarr build (a fill-value comparison of every chunk, then two
+    copies); anything else goes through zarr."""
+    files = []
     for stream in STREAMS:
-        arr = zarr.open_array(store, path=stream, mode="r+", config=_WRITE_CONFIG)
-        arr[start:stop] = blocks[stream]
-    return [{"path": key, **info} for key, info in sorted(store.written.items())]
+        layout = _shard_layout(path, stream)
+        if layout is None or start % layout[1] or (stop % layout[1] and stop != layout[2]):  # not whole shards
+            store = ShardFileStore(path, direct=direct)
+            arr = zarr.open_array(store, path=stream, mode="r+", config=_WRITE_CONFIG)
+            arr[start:stop] = blocks[stream]
+            files += [{"path": key, **info} for key, info in store.written.items()]
+            continue
+        chunk_units, shard_units, n_units = layout
+        for a in range(start, stop, shard_units):
+            b = min(a + shard_units, stop, n_units)
+            parts = encode_shard(blocks[stream][a - start:b - start], chunk_units, shard_units)
+            if parts is None:
+                continue  # all fill value: zarr writes no file either
+            key = f"{stream}/c/{a // shard_units}/0"
+            os.makedirs(os.path.join(path, os.path.dirname(key)), exist_ok=True)
+            files.append({"path": key, **write_file_atomic(os.path.join(path, key), parts, direct)})
+    return sorted(files, key=lambda f: f["path"])
 
 
 def store_files(path: str) -> list:

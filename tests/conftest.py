@@ -18,7 +18,8 @@ def dask_client():
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=logging.ERROR, scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"}
+                      ) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -248,3 +248,16 @@ def test_demo_lengths_follow_real_hmdb51_per_class(tmp_path):
         assert set(lengths) <= set(table[name][0].tolist()), name  # only lengths the class really has
     assert np.mean(units["hit"]) < 3 < 12 < np.mean(units["brush_hair"])
     assert 3.5 <= np.median([u for v in units.values() for u in v]) <= 4.5  # HMDB51's median is 4
+
+
+def test_a_local_cluster_starting_while_the_caller_fails_is_closed():
+    from distributed.core import Status
+
+    from shards.parallel import start_workers
+
+    with pytest.raises(ValueError, match="^the scan failed$"):
+        with start_workers(1) as workers:
+            assert workers.local
+            raise ValueError("the scan failed")  # while the cluster starts: this error is the one raised
+    cluster, client = workers._starting.result()
+    assert client.status == "closed" and cluster.status == Status.closed
