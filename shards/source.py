@@ -157,16 +157,43 @@ def scan_video(v: SourceVideo) -> tuple:
     return _check_aligned(v, shapes)
 
 
-def read_video_files(v: SourceVideo) -> list:
-    """The raw bytes of a video's four files (None for a missing one): the I/O half of load_video."""
-    raws = []
+def _open_files(v: SourceVideo) -> list:
+    """Open a video's four files (None for a missing one)."""
+    fds = []
     for path in v.paths:
         try:
-            with open(path, "rb") as f:
-                raws.append(f.read())
+            fds.append(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
         except FileNotFoundError:
-            raws.append(None)
+            fds.append(None)
+    return fds
+
+
+def _read_files(fds: list) -> list:
+    """The whole content of each open file, which is then closed (None stays None)."""
+    raws = []
+    try:
+        for fd in fds:
+            if fd is None:
+                raws.append(None)
+                continue
+            size = os.fstat(fd).st_size
+            raw = os.read(fd, size)  # one read for a regular file (bytes, not zero-filled first)
+            while len(raw) < size:  # a short read: read on, to the end
+                more = os.read(fd, size - len(raw))
+                if not more:
+                    break  # shrank since fstat: the decoder reports the truncation
+                raw += more
+            raws.append(raw)
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
     return raws
+
+
+def read_video_files(v: SourceVideo) -> list:
+    """The raw bytes of a video's four files (None for a missing one): the I/O half of load_video."""
+    return _read_files(_open_files(v))
 
 
 def load_video(v: SourceVideo, dtype: str, raws=None, check_values: bool = True) -> dict:
@@ -196,27 +223,29 @@ def load_video(v: SourceVideo, dtype: str, raws=None, check_values: bool = True)
     return arrays
 
 
-def _will_need(v: SourceVideo) -> None:
-    """Ask the kernel to start reading a video's files into the page cache (no-op where unsupported)."""
-    for path in v.paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue  # a missing file is reported when the video is read
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+def _will_need(fds: list) -> list:
+    """Ask the kernel to start reading these open files into the page cache (no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        for fd in fds:
+            if fd is not None:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    return fds
 
 
 def read_ahead(videos, window: int = 8):
     """Yield (video, raw bytes) in order while the kernel reads the next `window` videos' files: cold
     files are latency-bound, and the CPU work of one video overlaps the reads of the next ones.
-    (Reader threads did the same for cold files but doubled the CPU time of warm ones.)"""
-    prefetch = _will_need if hasattr(os, "posix_fadvise") else lambda v: None
-    for v in videos[:window]:
-        prefetch(v)
-    for i, v in enumerate(videos):
-        if i + window < len(videos):
-            prefetch(videos[i + window])
-        yield v, read_video_files(v)
+    (Reader threads did the same for cold files but doubled the CPU time of warm ones.) The files
+    are opened once, when their read-ahead is asked for, and closed when read."""
+    pending = [_will_need(_open_files(v)) for v in videos[:window]]
+    try:
+        for i, v in enumerate(videos):
+            if i + window < len(videos):
+                pending.append(_will_need(_open_files(videos[i + window])))
+            fds, pending[i] = pending[i], None
+            yield v, _read_files(fds)
+    finally:  # an abandoned generator (a failed task) closes what it opened
+        for fds in pending:
+            for fd in fds or ():
+                if fd is not None:
+                    os.close(fd)

@@ -261,3 +261,19 @@ def test_a_local_cluster_starting_while_the_caller_fails_is_closed():
             raise ValueError("the scan failed")  # while the cluster starts: this error is the one raised
     cluster, client = workers._starting.result()
     assert client.status == "closed" and cluster.status == Status.closed
+
+
+def test_read_ahead_reads_every_file_and_closes_what_it_opened(demo_master):
+    from shards.source import discover, read_ahead
+
+    videos = [v for vs in discover(str(demo_master)).phases.values() for v in vs][:12]
+    open_fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = open_fds()
+    for v, raws in read_ahead(videos, window=4):
+        assert raws == [open(p, "rb").read() for p in v.paths]
+    assert open_fds() == before
+    gen = read_ahead(videos, window=4)
+    next(gen)  # a task that fails after its first video abandons the generator
+    assert open_fds() > before
+    gen.close()
+    assert open_fds() == before
