@@ -1,10 +1,13 @@
 """Does length bucketing cost accuracy when lengths depend on class (real HMDB51)? Accuracy and padding, both ways.
 
-    python bench/bucketing.py [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform] [--loaders bucketed unbucketed seed]
+    python bench/bucketing.py [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform]
+                              [--loaders shuffled bucketed unbucketed seed]
 
 For each length model, one HMDB51-shaped demo tree (51 classes, --videos-per-class per phase), then
-training runs per seed and loader: `bucketed` (train/ddp.py's default shuffle window), `unbucketed`
-(a window of one micro-batch: plain shuffled batches) and `seed`: the seed's own training loop (its
+training runs per seed and loader: `shuffled` (train/ddp.py's default: micro-batches cut from shuffle
+windows of 256 videos), `bucketed` (--length-bucketing: each window sorted by length first),
+`unbucketed` (a window of one micro-batch: no mixing across micro-batches) and `seed`: the seed's
+own training loop (its
 per-file data layer, every (video, resolution) an item of a shuffled DataLoader, batches padded to
 the split's longest video, the same model, RMSprop and learning rate). Every run is one process (a
 step's videos do not depend on the number of processes, elr/data.py). Prints, per row, the padding
@@ -29,13 +32,14 @@ from shards.build import BuildConfig, build_shards  # noqa: E402
 from shards.demo import DemoConfig, make_demo  # noqa: E402
 
 
-def run(shards, out, seed, epochs, buffer, args):
+def run(shards, out, seed, epochs, buffer, bucket, args):
     """(best LR test accuracy of the last 4 epochs, mean padding share) of a train/ddp.py run."""
     from train.ddp import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(shards=shards, out=out, epochs=epochs, test_every=1, seed=seed, hidden=args.hidden,
-                      batch_size=args.batch_size, shuffle_buffer=buffer, loader_workers=0, quiet=True)
+                      batch_size=args.batch_size, shuffle_buffer=buffer, length_bucketing=bucket, loader_workers=0,
+                      quiet=True)
     train(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f]
@@ -84,8 +88,8 @@ def main():
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--loaders", nargs="+", default=["bucketed", "unbucketed"],
-                    choices=["bucketed", "unbucketed", "seed"])
+    ap.add_argument("--loaders", nargs="+", default=["shuffled", "bucketed", "unbucketed"],
+                    choices=["shuffled", "bucketed", "unbucketed", "seed"])
     args = ap.parse_args()
     micro = args.batch_size // 2 // 8  # lr+hr, 8 data streams
     print(f"| lengths | loader | padding | best of last 4 epochs, per seed {args.seeds} | mean |", flush=True)
@@ -100,9 +104,9 @@ def main():
             if name == "seed":
                 results = [run_seed_loop(root, s, args.epochs, args) for s in args.seeds]
             else:
-                buffer = 256 if name == "bucketed" else micro
+                buffer = micro if name == "unbucketed" else 256
                 results = [run(shards, os.path.join(args.work, lengths, f"run-{name}-{s}"), s, args.epochs,
-                               buffer, args) for s in args.seeds]
+                               buffer, name == "bucketed", args) for s in args.seeds]
             accs = [100 * a for a, _ in results]
             print(f"| {lengths} | {name} | {100 * np.mean([p for _, p in results]):.1f}% | "
                   f"{', '.join(f'{a:.1f}' for a in accs)} | {np.mean(accs):.1f}% |", flush=True)

@@ -1,4 +1,4 @@
-"""Streaming shard loaders: virtual data streams, length-bucketing shuffle buffers, equal steps per rank.
+"""Streaming shard loaders: virtual data streams, shuffle windows (optionally length-bucketed), equal steps per rank.
 
 An epoch's sample sequence (tar shards in an order shuffled by (seed, epoch), samples in stored order)
 is cut into `n_streams` contiguous virtual streams of equal length (+-1). Every global step takes one
@@ -153,8 +153,10 @@ def collate(samples, fields, stream: int, step: int, concat: bool = True, arena=
     return batch
 
 
-def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fields, buffer: int):
-    """Exactly `steps_per_epoch` micro-batches of stream `stream`, length-bucketed inside a shuffle buffer."""
+def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fields, buffer: int,
+                        bucket: bool = False):
+    """Exactly `steps_per_epoch` micro-batches of stream `stream`, cut from shuffle windows of `buffer`
+    videos; bucket=True sorts each window by length first (micro-batches of like lengths)."""
     m, steps = plan.micro_batch, plan.steps_per_epoch
     slots = steps * m
     rng = random.Random(f"{seed}:{epoch}:{stream}")
@@ -172,7 +174,8 @@ def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fi
 
     def bucketed(window):
         rng.shuffle(window)
-        window.sort(key=lambda s: s[fields[0]].shape[0])  # stable: equal lengths stay shuffled
+        if bucket:
+            window.sort(key=lambda s: s[fields[0]].shape[0])  # stable: equal lengths stay shuffled
         batches = [window[i:i + m] for i in range(0, len(window), m)]
         rng.shuffle(batches)
         return batches
@@ -190,11 +193,12 @@ def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fi
 class ShardStream(IterableDataset):
     """This rank's micro-batches, in the order the step assembler expects; see the module docstring."""
 
-    def __init__(self, plan: StreamPlan, rank: int, world_size: int, fields, seed: int, buffer: int = 256):
+    def __init__(self, plan: StreamPlan, rank: int, world_size: int, fields, seed: int, buffer: int = 256,
+                 bucket: bool = False):
         if plan.n_streams % world_size:
             raise ValueError(f"n_streams ({plan.n_streams}) must be a multiple of the world size ({world_size})")
         self.plan, self.rank, self.world, self.fields = plan, rank, world_size, tuple(fields)
-        self.seed, self.buffer = seed, buffer
+        self.seed, self.buffer, self.bucket = seed, buffer, bucket
         self.streams = list(range(rank, plan.n_streams, world_size))
         self.arenas = []  # one per DataLoader worker (StepLoader sets them up)
         # (epoch, first step) in shared memory: persistent DataLoader workers hold copies of this
@@ -218,7 +222,8 @@ class ShardStream(IterableDataset):
         arena = (k, self.arenas[k]) if info and len(self.arenas) == n_workers else None
         mine = self.streams[k::n_workers]
         epoch, start_step = self.epoch, self.start_step
-        gens = [stream_microbatches(self.plan, epoch, self.seed, v, self.fields, self.buffer) for v in mine]
+        gens = [stream_microbatches(self.plan, epoch, self.seed, v, self.fields, self.buffer, self.bucket)
+                for v in mine]
         for step in range(self.plan.steps_per_epoch):
             for v, gen in zip(mine, gens):
                 samples = next(gen)

@@ -144,6 +144,12 @@ def test_resume_refuses_another_shard_set_or_model_and_says_when_it_finds_nothin
     assert_one_error(train_cli("--shards", shards, "--out", out, *SMALL, "--resume", "--hidden", "16", "--lr", "0.01"),
                      f"--resume: {out / 'last.pt'} was trained with --lr 0.001, --hidden 8; this run has --lr 0.01, "
                      "--hidden 16 (use the same options, or another --out)")
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["config"]["length_bucketing"]  # a checkpoint from before the option: it was trained bucketed
+    torch.save(state, out / "last.pt")
+    assert_one_error(train_cli("--shards", shards, "--out", out, *SMALL, "--resume"),
+                     f"--resume: {out / 'last.pt'} was trained with --length-bucketing True; this run has "
+                     "--length-bucketing False (use the same options, or another --out)")
 
 
 def test_resume_from_a_damaged_checkpoint(shards, tmp_path):

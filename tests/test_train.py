@@ -222,18 +222,18 @@ def test_hr_coupling_beats_lr_alone_when_hr_is_cleaner(tmp_path, dask_client):
 
 def test_length_bucketing_costs_no_accuracy_on_hmdb51_lengths(tmp_path, dask_client):
     """Real HMDB51 lengths depend on the class (hit: 2 units on average, brush_hair: 17): length-sorted
-    micro-batches could turn into class-homogeneous steps and slow learning. Bucketed training must
-    learn as well as plain shuffled batches (a window of one micro-batch, as the seed's loader forms
-    them) while padding far less."""
+    micro-batches could turn into class-homogeneous steps and slow learning. Bucketed training
+    (--length-bucketing) must learn as well as plain shuffled batches (a window of one micro-batch, as
+    the seed's loader forms them) while padding far less."""
     import json
 
     root = tmp_path / "HMDB51"
     make_demo(str(root), DemoConfig(classes=12, videos_per_class=8, dim=32, lengths="hmdb51", seed=0))
     build(root, dask_client, formats=("webdataset",))
     results = {}
-    for name, buffer in (("bucketed", 256), ("unbucketed", 4)):  # 4: 16 sequences / (lr+hr) / 2 streams
+    for name, buffer, bucket in (("bucketed", 256, True), ("unbucketed", 4, False)):  # 4: 16 / (lr+hr) / 2 streams
         out = tmp_path / name
-        train_acc(str(root) + "-shards", out, epochs=12, shuffle_buffer=buffer, test_every=1)
+        train_acc(str(root) + "-shards", out, epochs=12, shuffle_buffer=buffer, length_bucketing=bucket, test_every=1)
         history = [json.loads(line) for line in open(out / "metrics.jsonl")]
         best = max(r["test_acc"] for r in history[-4:])  # single epochs swing at this size
         results[name] = best, sum(r["padding"] for r in history) / len(history)

@@ -62,7 +62,9 @@ class TrainConfig:
     amp: str = option("off", "mixed precision of the GRUs: bf16 | fp16 | off (the classifier stays float32)")
     test_every: int = option(5, "test on Test LR every N epochs, and after the last")
     data_streams: int = option(8, "virtual data streams; a multiple of the number of processes")
-    shuffle_buffer: int = option(256, "videos per length-bucketing shuffle window")
+    shuffle_buffer: int = option(256, "videos per shuffle window, from which micro-batches are cut")
+    length_bucketing: bool = option(False, "sort each shuffle window by length before cutting micro-batches "
+                                    "(shorter GRU runs per micro-batch; HMDB51's lengths depend on class)")
     loader_workers: int = option(-1, "DataLoader worker processes per rank; -1: 2 on CUDA, 0 on CPU (the cores "
                                  "compute there)", "--workers")
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: at epoch ends only)")
@@ -104,7 +106,9 @@ class TrainConfig:
 
 
 # Options that shape the weights: a resumed run must have the same ones as the run it continues.
-TRAJECTORY = ("split", "batch_size", "lr", "hidden", "train_on", "amp", "data_streams", "shuffle_buffer", "seed")
+TRAJECTORY = ("split", "batch_size", "lr", "hidden", "train_on", "amp", "data_streams", "shuffle_buffer",
+              "length_bucketing", "seed")
+LEGACY = {"length_bucketing": True}  # what a checkpoint written before the option existed was trained with
 
 
 def flag(name: str) -> str:
@@ -229,9 +233,10 @@ def resume_decision(cfg: TrainConfig, digest: str, restart: int) -> tuple:
         raise CheckpointError(f"--resume: {path} was trained on another shard set (manifest sha256 "
                               f"{state['manifest_sha256'][:12]}, --shards {cfg.shards} has {digest[:12]})")
     old, new = state["config"], asdict(cfg)
-    differs = [k for k in TRAJECTORY if old.get(k) != new[k]]
+    old = {k: old.get(k, LEGACY.get(k)) for k in TRAJECTORY}
+    differs = [k for k in TRAJECTORY if old[k] != new[k]]
     if differs:
-        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old.get(k)}" for k in differs)
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old[k]}" for k in differs)
                               + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
                               + " (use the same options, or another --out)")
     return "resume", None
@@ -392,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
     plan = StreamPlan(phase_shards(manifest, cfg.shards, cfg.split, train_phases(manifest, cfg)),
                       cfg.data_streams, cfg.micro_batch)
     dataset = ShardStream(plan, setup.rank, setup.world, input_fields(TRAIN_INPUTS[cfg.train_on]), cfg.seed,
-                          cfg.shuffle_buffer)
+                          cfg.shuffle_buffer, cfg.length_bucketing)
 
     # ---- model and optimiser (same seed on every rank; DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
