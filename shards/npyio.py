@@ -33,14 +33,17 @@ def parse_npy_header(fp):
     return shape, fortran, dtype, fp.tell()
 
 
+_LENGTH_FIELD = {b"\x93NUMPY\x01\x00": 2, b"\x93NUMPY\x02\x00": 4}  # magic + version -> bytes of the length
+
+
 def header_length(raw) -> int | None:
     """Bytes of the whole header (magic, length field, dict) that `raw` starts with; None if `raw` is too
     short to say, or is not a format 1.0/2.0 header (the parser then says what is wrong)."""
-    if raw[:8] == b"\x93NUMPY\x01\x00" and len(raw) >= 10:
-        return 10 + int.from_bytes(raw[8:10], "little")
-    if raw[:8] == b"\x93NUMPY\x02\x00" and len(raw) >= 12:
-        return 12 + int.from_bytes(raw[8:12], "little")
-    return None
+    head = bytes(raw[:12])  # one small copy: slicing and comparing a memoryview twice cost more
+    size = _LENGTH_FIELD.get(head[:8])
+    if size is None or len(head) < 8 + size:
+        return None
+    return 8 + size + int.from_bytes(head[8:8 + size], "little")
 
 
 def npy_layout(raw) -> tuple:
@@ -81,8 +84,7 @@ def npy_from_bytes(raw) -> np.ndarray:
         raise NpyFormatError(f"truncated: header promises {expected} data bytes, found {found}")
     if found > expected:
         raise NpyFormatError(f"{found - expected} unexpected trailing bytes after the array data")
-    arr = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize if dtype.itemsize else 0, offset=offset)
-    return arr.reshape(shape, order=order)
+    return np.ndarray(shape, dtype, buffer=raw, offset=offset, order=order)  # one call: frombuffer + reshape
 
 
 def npy_parts(arr: np.ndarray) -> list:
