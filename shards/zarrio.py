@@ -3,19 +3,15 @@
 Streams are separate arrays, so a reader can take the LR streams of a video without touching HR bytes.
 """
 
-import asyncio
 import json
 import os
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
 from .atomic import is_temp
 from .directio import write_file_atomic
 from .schema import STREAMS, make_sample, sample_meta
-
-_WRITE_CONFIG = {"write_empty_chunks": True}  # every shard file exists, so the file list is predictable
 
 
 def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, chunk_units: int, shard_units: int,
@@ -41,43 +37,22 @@ def shard_ranges(n_units: int, shard_units: int):
     return [(a, min(a + shard_units, n_units)) for a in range(0, n_units, shard_units)]
 
 
-class ShardFileStore(LocalStore):
-    """A LocalStore that writes each file with `write_file_atomic` (around the page cache, under a
-    temporary name) and records its size and sha256, so a build never reads its shard files back."""
-
-    def __init__(self, root, *, read_only: bool = False, direct: bool = True):
-        super().__init__(root, read_only=read_only)
-        self.direct, self.written = direct, {}
-
-    def with_read_only(self, read_only: bool = False):
-        return type(self)(self.root, read_only=read_only, direct=self.direct)
-
-    async def set(self, key: str, value) -> None:
-        self._check_writable()
-        path = os.path.join(self.root, key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.written[key] = await asyncio.to_thread(write_file_atomic, path, value.as_buffer_like(), self.direct)
-
-
-# The one layout create_phase_store makes: for it, shard files are encoded here (see write_unit_range)
+# The layout create_phase_store makes, whose shard files write_unit_range encodes itself
 _SHARDED = {"bytes": [{"name": "bytes", "configuration": {"endian": "little"}}],
             "index": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}
 _EMPTY = np.iinfo(np.uint64).max  # the index entry of a chunk that is not stored
 
 
 def _shard_layout(path: str, stream: str):
-    """(chunk_units, shard_units, n_units) of a stream array written as create_phase_store writes it,
-    else None (then zarr itself encodes its shards)."""
+    """(chunk_units, shard_units, n_units) of a stream array made by create_phase_store."""
     with open(os.path.join(path, stream, "zarr.json")) as f:
         meta = json.load(f)
     codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-        return None
-    conf = codecs[0]["configuration"]
+    conf = codecs[0].get("configuration", {}) if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" else {}
     if (conf.get("codecs") != _SHARDED["bytes"] or conf.get("index_codecs") != _SHARDED["index"]
             or conf.get("index_location", "end") != "end" or meta.get("fill_value") != 0.0
             or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}):
-        return None
+        raise ValueError(f"{path}/{stream}: not the layout create_phase_store makes (the only one written here)")
     return conf["chunk_shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0], meta["shape"][0]
 
 
@@ -121,21 +96,15 @@ def write_unit_range(path: str, start: int, stop: int, blocks: dict, direct: boo
     """Write whole shards [start, stop) of every stream; returns [{path, bytes, sha256}] of the files
     written, paths relative to the store.
 
-    Shard files of our own layout are encoded by encode_shard: zarr-python's codec pipeline spent
-    as much CPU again as the rest of a Zarr build (a fill-value comparison of every chunk, then two
-    copies); anything else goes through zarr."""
+    The shard files are encoded by encode_shard, not by zarr-python: its codec pipeline spent as much
+    CPU again as the rest of a Zarr build (a fill-value comparison of every chunk, then two copies)."""
     files = []
     for stream in STREAMS:
-        layout = _shard_layout(path, stream)
-        if layout is None or start % layout[1] or (stop % layout[1] and stop != layout[2]):  # not whole shards
-            store = ShardFileStore(path, direct=direct)
-            arr = zarr.open_array(store, path=stream, mode="r+", config=_WRITE_CONFIG)
-            arr[start:stop] = blocks[stream]
-            files += [{"path": key, **info} for key, info in store.written.items()]
-            continue
-        chunk_units, shard_units, n_units = layout
+        chunk_units, shard_units, n_units = _shard_layout(path, stream)
+        if start % shard_units or (stop % shard_units and stop != n_units):
+            raise ValueError(f"{path}: units [{start}, {stop}) are not whole shards of {shard_units} units")
         for a in range(start, stop, shard_units):
-            b = min(a + shard_units, stop, n_units)
+            b = min(a + shard_units, stop)
             parts = encode_shard(blocks[stream][a - start:b - start], chunk_units, shard_units)
             if parts is None:
                 continue  # all fill value: zarr writes no file either

@@ -51,3 +51,10 @@ def test_shards_are_the_bytes_zarr_writes(tmp_path, zero):
     assert ("lr_flow/c/1/0" in data_files) == (zero != "one shard")
     for s in STREAMS:
         np.testing.assert_array_equal(zarr.open_array(str(ours), path=s, mode="r")[:], data[s])
+
+
+def test_only_whole_shards_are_written(tmp_path):
+    make_store(tmp_path / "s.zarr")
+    block = {s: np.ones((24, DIM), np.float32) for s in STREAMS}
+    with pytest.raises(ValueError, match=r"units \[8, 32\) are not whole shards of 32 units$"):
+        write_unit_range(str(tmp_path / "s.zarr"), 8, 32, block)
