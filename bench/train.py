@@ -11,6 +11,7 @@ class in real HMDB51; --lengths uniform: the older 4-16 units) and its tar shard
       video (HMDB51DataLayer), and training steps with it
   (d) the model alone on batches already in memory (the compute bound)
   (e) one memory copy of every sequence's bytes: the ceiling of any loader that hands out new tensors
+  (e2) the same copy with the mapped shards as its source (where an in-place loader reads them)
 and, for what storage buys, (a) on the same videos stored as float16 (build-shards --dtype float16).
 Loaders are timed over full epochs of Train: two in a row from a warm page cache (all files read
 first: the loaders' own cost; the first epoch of a process also pays for parsing the tar headers
@@ -108,6 +109,32 @@ def copy_ceiling(bytes_per_sequence: int) -> float:
     for _ in range(8):
         np.copyto(dst, src)
     return 8 * src.nbytes / (time.perf_counter() - t) / bytes_per_sequence
+
+
+def mapped_copy_rate(plan, reps: int = 3) -> float:
+    """Sequences/s of one copy of every sequence of an epoch from where the in-process loader finds
+    it (views of the mapped shards) into one reused buffer per model input: what (e) becomes when the
+    source is the page cache (4 KiB pages, mapped) rather than the loader's own memory."""
+    loader = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), 0)
+    loader.dataset.set_position(1)
+    groups = list(loader)
+    steps = [[[a for f in fields for mb in group for a in mb[f]] for fields in INPUTS.values()] for group in groups]
+    sequences = 2 * sum(len(mb["lengths"]) for group in groups for mb in group)  # each video: LR and HR
+    buffers = {}
+
+    def one_pass():
+        for step in steps:
+            for i, parts in enumerate(step):
+                units = sum(len(p) for p in parts)
+                if i not in buffers or len(buffers[i]) < units:
+                    buffers[i] = np.empty((2 * units, parts[0].shape[1]), parts[0].dtype)
+                np.concatenate(parts, out=buffers[i][:units])
+
+    one_pass()
+    t = time.perf_counter()
+    for _ in range(reps):
+        one_pass()
+    return sequences * reps / (time.perf_counter() - t)
 
 
 def epoch_rate(loader_factory, sequences_per_item, prepare=None, epoch=0):
@@ -211,6 +238,7 @@ def main():
     mean_units = sum(s["units"] for s in samples) / len(samples)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     rows["(e) one memory copy per sequence (ceiling)"] = copy_ceiling(int(2 * mean_units * manifest["dim"] * itemsize))
+    rows["(e2) one copy per sequence from the mapped shards"] = mapped_copy_rate(plan)
     warm(shards)
     warm(root)
 
@@ -290,6 +318,8 @@ def main():
     print(f"(a) float16 shards / (c), warm, epoch 2: {half:.1f}x")
     ceiling = rows["(e) one memory copy per sequence (ceiling)"] / rows["(c) seed loader alone, warm, epoch 2"]
     print(f"(e) / (c) the most any loader that copies each byte once could gain here, warm: {ceiling:.1f}x")
+    for k in ("(e) one memory copy per sequence (ceiling)", "(e2) one copy per sequence from the mapped shards"):
+        print(f"(a) in-process / {k[:4].strip()}: {100 * inproc / rows[k]:.0f}%")
     print(f"(b) / (d) share of the compute bound: {100 * rows['(b) training steps, shard loader'] / rows['(d) model alone (compute bound)']:.0f}%")
     print(f"share of step time waiting for data (b): {100 * wait_share:.1f}%")
 
