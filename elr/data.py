@@ -1,4 +1,4 @@
-"""Streaming shard loaders: virtual data streams, shuffle windows (optionally length-bucketed), equal steps per rank.
+"""Streaming shard loaders: virtual data streams, shuffle windows (length-sorted on request), equal steps per rank.
 
 An epoch's sample sequence (tar shards in an order shuffled by (seed, epoch), samples in stored order)
 is cut into `n_streams` contiguous virtual streams of equal length (+-1). Every global step takes one
@@ -171,7 +171,7 @@ def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fi
         for i in range(slots - n):  # rounding: repeat the stream's first videos
             yield head[i % len(head)]
 
-    def bucketed(window):
+    def cut(window):
         rng.shuffle(window)
         if bucket:
             window.sort(key=lambda s: s[fields[0]].shape[0])  # stable: equal lengths stay shuffled
@@ -183,10 +183,10 @@ def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fi
     for sample in slots_filled():
         window.append(sample)
         if len(window) == buffer:
-            yield from bucketed(window)
+            yield from cut(window)
             window = []
     if window:
-        yield from bucketed(window)
+        yield from cut(window)
 
 
 class ShardStream(IterableDataset):
