@@ -55,6 +55,19 @@ def test_errors_are_one_line_exit_1(built, tmp_path):
     assert result.exit_code == 1 and result.output == f"Error: {tmp_path}/manifest.json: no manifest; not a finished shard set\n"
 
 
+def test_a_bad_video_is_one_line_on_the_default_local_cluster(tmp_path):
+    """The command as a user runs it: its own local cluster, starting while the headers are scanned
+    here; the scan fails first, and the cluster is closed, not left behind."""
+    root = tmp_path / "HMDB51"
+    assert run("make-demo", root, "--classes", 2, "--videos-per-class", 2, "--dim", 8).exit_code == 0
+    bad = next((root / "Split1" / "Test_hr_optfl_features").glob("*/*.npy"))
+    bad.write_bytes(b"not an array")
+    result = console("elr-ingest", "build-shards", root, "-q")
+    video = f"{bad.parent.name}/{bad.stem}"
+    assert result.returncode == 1 and result.stderr == f"Error: video {video}: {bad}: not a .npy file (bad magic bytes)\n"
+    assert not (tmp_path / "HMDB51-shards").exists() and not (tmp_path / "HMDB51-shards.building").exists()
+
+
 def test_usage_mistakes_are_one_line_naming_the_flag(built, demo_master):
     """The installed scripts: bad option values are refused before any work, in one line (exit 2)."""
     cases = [
