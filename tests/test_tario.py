@@ -104,3 +104,16 @@ def test_writer_publishes_on_a_clean_with_exit_and_leaves_nothing_on_an_error(tm
             w.write("k0", arrays, {"label": 0, "units": 2})
             raise RuntimeError("the task failed")
     assert os.listdir(tmp_path) == ["a.tar"]
+
+
+@pytest.mark.parametrize("name", ["a", "v0123456789abcdef0123.hr_rgb.npy", "x" * 100, "d" * 60 + "/" + "x" * 60, "é" * 40])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456_789, 8 ** 11 - 1])
+def test_member_headers_are_the_ones_tarfile_writes(name, size):
+    from shards.tario import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+    assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    if size == 8 ** 11 - 1:  # the largest a USTAR member can be, as tarfile says
+        with pytest.raises(ValueError, match="^overflow in number field$"):
+            ustar_header(name, size + 1)
