@@ -28,7 +28,8 @@ class DirectFile:
     of everything written are kept. direct=False writes through the page cache.
 
     Two staging buffers take turns: while the caller fills one, a writer thread hashes the other and
-    writes it (an O_DIRECT write waits for the device, 40% of a warm build's time when it was inline).
+    writes it (an O_DIRECT write waits for the device: 1.3 of 4.6 s of a warm tar build in one process
+    when it was inline).
     A failed write is raised by the next `write` or by `close`."""
 
     def __init__(self, path: str, direct: bool = True):

@@ -51,8 +51,7 @@ def npy_layout(raw) -> tuple:
     end = header_length(raw)
     if end is not None and end <= len(raw) and end <= 1 << 16:
         return _cached_layout(bytes(raw[:end]))
-    shape, fortran, dtype, offset = parse_npy_header(io.BytesIO(raw[:1 << 16]))  # raises what is wrong
-    return shape, "F" if fortran else "C", dtype, offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return _layout(raw[:1 << 16])  # raises what is wrong
 
 
 def read_npy_layout(path: str) -> tuple:
@@ -68,12 +67,15 @@ def read_npy_layout(path: str) -> tuple:
         os.close(fd)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_layout(head: bytes):
-    """(shape, order, dtype, data offset, data bytes) of a complete header. Shard members repeat a
-    few headers, and numpy's parser compiles every one with ast.literal_eval."""
+def _layout(head) -> tuple:
+    """(shape, order, dtype, data offset, data bytes) parsed from a header."""
     shape, fortran, dtype, offset = parse_npy_header(io.BytesIO(head))
     return shape, "F" if fortran else "C", dtype, offset, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+# Shard members and source files repeat a few headers, and numpy's parser compiles every one with
+# ast.literal_eval: complete headers are parsed once.
+_cached_layout = functools.lru_cache(maxsize=4096)(_layout)
 
 
 def npy_from_bytes(raw) -> np.ndarray:

@@ -53,8 +53,8 @@ class TarShardWriter:
     """Write one tar shard under a temporary name; `close()` (or a clean `with` exit) renames it into place.
 
     Members are written directly: a 512-byte USTAR header (`ustar_header`), then array bytes from the
-    array's own buffer to the hash and a DirectFile (tarfile's stream layer copied every byte several
-    times; the page cache cost more than all the rest, see directio).
+    array's own buffer to a DirectFile, which hashes what it writes (tarfile's stream layer copied every
+    byte several times; the page cache cost more than all the rest, see directio).
     Fixed metadata (mtime 0, mode 0444, no owner names) and a fixed member order make the bytes a
     function of the samples alone. The result is a plain tar that `tar`, tarfile and webdataset read.
     """
