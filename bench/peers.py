@@ -35,7 +35,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the
 from bench.ingest import warm  # noqa: E402
 from bench.train import SeedDataLayer, copy_ceiling, drop_caches  # noqa: E402
 from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields  # noqa: E402
-from elr.data import phase_shards  # noqa: E402
+from elr.data import TORCH_DTYPES, concatenate_parallel, phase_shards  # noqa: E402
 from shards.build import BuildConfig, build_shards  # noqa: E402
 from shards.demo import DemoConfig, make_demo  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
@@ -107,7 +107,9 @@ def disk_bytes(folder):
 
 def concat_collate(samples):
     """The peers' step, as ours hands it out: every video's LR units end to end, then its HR units."""
-    out = {name: torch.cat([torch.as_tensor(s[f]) for f in fields for s in samples]) for name, fields in INPUTS.items()}
+    parts = {name: [np.asarray(s[f]) for f in fields for s in samples] for name, fields in INPUTS.items()}
+    out = {name: torch.empty((sum(map(len, p)), p[0].shape[1]), dtype=TORCH_DTYPES[p[0].dtype]) for name, p in parts.items()}
+    concatenate_parallel([(parts[name], out[name].numpy()) for name in INPUTS])  # as ours joins a step
     lengths = torch.tensor([s["lr_rgb"].shape[0] for s in samples] * 2)
     labels = torch.tensor([int(s["label"]) for s in samples] * 2)
     return {"keys": [s["key"] for s in samples], "lengths": lengths, "labels": labels, **out}

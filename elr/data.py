@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -382,6 +383,7 @@ def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> 
     out = {"lengths": lengths.repeat(copies),
            "labels": labels.repeat(copies).to(device, non_blocking=non_blocking)}
     units = copies * int(lengths.sum())
+    joins = []  # (parts, destination) of the host-side copies, run together below
     for name, fields in inputs.items():
         # a field of a micro-batch: one block (from a worker) or its samples' arrays (in-process)
         blocks = [mb[f] for f in fields for mb in micro_batches]
@@ -393,9 +395,32 @@ def merge_to_device(micro_batches, inputs: dict, device, non_blocking=False) -> 
         else:  # numpy's concatenate copies 1.6-1.8x faster than torch.cat here (many small parts)
             parts = [a for b in blocks for a in ([b.numpy()] if isinstance(b, torch.Tensor) else b)]
             host = torch.empty((units, parts[0].shape[1]), dtype=TORCH_DTYPES[parts[0].dtype], pin_memory=cuda)
-            np.concatenate(parts, out=host.numpy())
-            out[name] = host.to(device, non_blocking=non_blocking) if cuda else host
+            joins.append((parts, host.numpy()))
+            out[name] = host
+    concatenate_parallel(joins)
+    if cuda:
+        out.update({name: t.to(device, non_blocking=non_blocking) for name, t in out.items()
+                    if name in inputs and t.device.type == "cpu"})
     return out
+
+
+_COPY_POOLS = {}  # pid -> thread pool: a forked child gets its own (threads do not survive a fork)
+
+
+def concatenate_parallel(joins):
+    """np.concatenate(parts, out=out) for each (parts, out), all but the last on helper threads: numpy
+    copies without the GIL, so a step's model inputs (RGB and flow) are copied on two cores at once."""
+    if len(joins) < 2:
+        for parts, dst in joins:
+            np.concatenate(parts, out=dst)
+        return
+    pool = _COPY_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _COPY_POOLS[os.getpid()] = ThreadPoolExecutor(len(joins) - 1, thread_name_prefix="elr-copy")
+    pending = [pool.submit(np.concatenate, parts, out=dst) for parts, dst in joins[:-1]]
+    np.concatenate(joins[-1][0], out=joins[-1][1])
+    for f in pending:
+        f.result()
 
 
 class DevicePrefetcher:
