@@ -26,7 +26,7 @@ from shards import remote
 from shards.errors import ManifestError
 from shards.manifest import join_path, parse_rows
 from shards.schema import LR
-from shards.tario import decode_sample, iter_raw_samples
+from shards.tario import iter_decoded_samples
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,7 @@ class StreamPlan:
 def iter_pieces(pieces, fields):
     """Decoded samples of [(ShardRef, skip, take)]."""
     for shard, skip, take in pieces:
-        for raw in iter_raw_samples(shard.url, skip, take, shard.sample_spans()):
-            yield decode_sample(raw, shard.url, fields)
+        yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields)
 
 
 def collate(samples, fields, stream: int, step: int, concat: bool = True, arena=None) -> dict:

@@ -12,7 +12,7 @@ from . import remote
 from .atomic import remove_quietly, temp_path
 from .directio import DirectFile
 from .errors import ShardCorruptError
-from .npyio import NpyFormatError, npy_from_bytes, npy_parts
+from .npyio import NpyFormatError, npy_from_bytes, npy_layout, npy_parts
 from .schema import STREAMS
 
 
@@ -198,8 +198,51 @@ class SampleTable:
             wide = any(start + length >= 1 << 32 for row in spans for start, length in row)
             self.spans = np.array(spans, dtype=np.int64 if wide else np.uint32).reshape(len(samples), -1, 2)
 
+        self._arrays = {}  # field -> (data offset, dtype, dim) shared by all its members, or None
+
     def __len__(self):
         return len(self.rows) if self.rows is not None else len(self.keys)
+
+    def _array_layout(self, view: memoryview, field: str):
+        """(data offset, dtype, dim) that every `field` member of the shard has (a 2-D C-order .npy whose
+        data fills the member exactly), checked once per process; None if any member differs."""
+        if field not in self._arrays:
+            self._arrays[field] = None
+            if self.rows is None and field in self.fields:
+                column, layouts = self.fields.index(field), set()
+                for start, length in self.spans[:, column].tolist():
+                    try:
+                        shape, order, dtype, offset, nbytes = npy_layout(view[start:start + length])
+                    except NpyFormatError:
+                        return None
+                    if len(shape) != 2 or order != "C" or offset + nbytes != length:
+                        return None
+                    layouts.add((offset, dtype, shape[1]))
+                if len(layouts) == 1:
+                    self._arrays[field] = layouts.pop()
+        return self._arrays[field]
+
+    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams):
+        """decode_sample of samples skip..skip+take; when every member of each stream shares one header
+        layout (what build-shards writes), arrays are made from the table's spans without reading a
+        header per member (later epochs: a third of decode_sample's time)."""
+        layouts = [self._array_layout(view, f"{s}.npy") for s in streams]
+        if not all(layouts) or "json" not in self.fields:
+            for raw in self.samples(view, skip, take):
+                yield decode_sample(raw, name, streams)
+            return
+        end = None if take is None else skip + take
+        meta = self.fields.index("json")
+        columns = [(stream, self.fields.index(f"{stream}.npy"), offset, dtype, dim, dim * dtype.itemsize)
+                   for stream, (offset, dtype, dim) in zip(streams, layouts)]
+        for key, spans in zip(self.keys[skip:end].tolist(), self.spans[skip:end].tolist()):
+            key = key.decode() if isinstance(key, bytes) else key
+            start, length = spans[meta]
+            sample = {"__key__": key, "meta": decode_meta(view[start:start + length], name, key)}
+            for stream, column, offset, dtype, dim, row_bytes in columns:
+                start, length = spans[column]
+                sample[stream] = np.ndarray(((length - offset) // row_bytes, dim), dtype, view, start + offset)
+            yield sample
 
     def samples(self, view: memoryview, skip: int, take: int | None):
         """Raw samples skip..skip+take: {"__key__": key, field: view of its bytes}."""
@@ -266,16 +309,20 @@ def group_samples(members, name: str):
         yield current
 
 
+def decode_meta(raw, name: str, key: str) -> dict:
+    try:
+        return json.loads(bytes(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardCorruptError(f"{name}: key {key}: unreadable metadata ({e})") from None
+
+
 def decode_sample(raw: dict, name: str, fields=tuple(STREAMS)) -> dict:
     """Decode the requested streams (`.npy`, never unpickled) and the metadata of a raw sample."""
     key = raw["__key__"]
     missing = [f for f in ("json", *(f"{s}.npy" for s in fields)) if f not in raw]
     if missing:
         raise ShardCorruptError(f"{name}: key {key}: missing {', '.join(missing)}")
-    try:
-        sample = {"__key__": key, "meta": json.loads(bytes(raw["json"]))}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardCorruptError(f"{name}: key {key}: unreadable metadata ({e})") from None
+    sample = {"__key__": key, "meta": decode_meta(raw["json"], name, key)}
     for stream in fields:
         try:
             sample[stream] = npy_from_bytes(raw[f"{stream}.npy"])
@@ -321,7 +368,17 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None, spans=Non
         yield from mapped_samples(path, url, skip, take)
 
 
+def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans=None, fields=tuple(STREAMS)):
+    """decode_sample of iter_raw_samples(url, skip, take, spans); local shards take their table's fast path."""
+    if remote.is_url(url):
+        for raw in remote_samples(url, skip, take, spans):
+            yield decode_sample(raw, url, fields)
+    else:
+        path = url[len("file://"):] if url.startswith("file://") else url
+        view, table = _mapped_shard(path, url)
+        yield from table.decoded(view, skip, take, url, fields)
+
+
 def iter_tar_samples(url: str, fields=tuple(STREAMS)):
     """All decoded samples of one shard, in stored order."""
-    for raw in iter_raw_samples(url):
-        yield decode_sample(raw, url, fields)
+    return iter_decoded_samples(url, fields=fields)

@@ -87,6 +87,72 @@ def test_mapped_samples_skip_take_and_a_rewritten_shard_is_read_again(tmp_path):
     assert as_bytes(mapped_samples(path, "c.tar")) == [{"__key__": "z", "json": b"{}"}]
 
 
+def npy_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def sample_members(arrays: dict) -> dict:
+    """k000.. samples: metadata and the given (units, D) arrays per stream."""
+    members = {}
+    for i, (lr, hr) in enumerate(zip(arrays["lr_rgb"], arrays["hr_rgb"])):
+        members.update({f"k{i:03d}.json": b'{"label": %d}' % i,
+                        f"k{i:03d}.lr_rgb.npy": npy_bytes(lr), f"k{i:03d}.hr_rgb.npy": npy_bytes(hr)})
+    return members
+
+
+def as_compared(samples):
+    return [(s["__key__"], s["meta"], [(f, s[f].dtype.str, s[f].tolist()) for f in ("lr_rgb", "hr_rgb")])
+            for s in samples]
+
+
+@pytest.mark.parametrize("odd_one", [None, "float16", "fortran", "3-d"])
+def test_decoded_samples_equal_decode_sample_on_the_fast_path_and_off_it(tmp_path, odd_one):
+    """A shard whose stream members share one .npy layout gets its arrays from the table's spans; one
+    member with another layout sends that stream back to reading every header: the same samples both ways."""
+    from shards.tario import _mapped_shard, decode_sample, iter_decoded_samples
+
+    rng = np.random.default_rng(3)
+    arrays = {f: [rng.standard_normal((units, 8)).astype(np.float32) for units in (1, 4, 2, 7, 3)]
+              for f in ("lr_rgb", "hr_rgb")}
+    if odd_one:
+        a = arrays["lr_rgb"][2]
+        arrays["lr_rgb"][2] = {"float16": a.astype(np.float16), "fortran": np.asfortranarray(a.T).T.copy(order="F"),
+                               "3-d": a.reshape(2, 1, 8)}[odd_one]
+    path = write_tar(str(tmp_path / "s.tar"), tarfile.USTAR_FORMAT, sample_members(arrays))
+    fields = ("lr_rgb", "hr_rgb")
+    for skip, take in [(0, None), (1, 3), (4, 1)]:
+        expected = [decode_sample(raw, "s.tar", fields) for raw in mapped_samples(path, "s.tar", skip, take)]
+        got = list(iter_decoded_samples(path, skip, take, fields=fields))
+        assert as_compared(got) == as_compared(expected) and len(got) == len(arrays["lr_rgb"][skip:][:take])
+        assert all(not s["lr_rgb"].flags.writeable for s in got)  # views of the read-only map
+    table = _mapped_shard(path, path)[1]
+    assert table._arrays["hr_rgb.npy"] == (128, np.dtype("<f4"), 8)  # fast path
+    assert table._arrays["lr_rgb.npy"] == (None if odd_one else (128, np.dtype("<f4"), 8))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "s.tar: key k001: lr_rgb: truncated: header promises 128 data bytes, found 64"),
+    ("metadata", "s.tar: key k001: unreadable metadata (Expecting value: line 1 column 1 (char 0))"),
+])
+def test_decoded_samples_name_a_damaged_member(tmp_path, damage, message):
+    from shards.tario import iter_decoded_samples
+
+    arrays = {f: [np.ones((units, 8), np.float32) for units in (2, 4, 3)] for f in ("lr_rgb", "hr_rgb")}
+    members = sample_members(arrays)
+    if damage == "truncated":
+        members["k001.lr_rgb.npy"] = members["k001.lr_rgb.npy"][:128 + 64]
+    else:
+        members["k001.json"] = b"not json"
+    path = write_tar(str(tmp_path / "s.tar"), tarfile.USTAR_FORMAT, members)
+    got = iter_decoded_samples(path, fields=("lr_rgb", "hr_rgb"))
+    assert next(got)["__key__"] == "k000"  # samples before the damaged one are delivered
+    with pytest.raises(ShardCorruptError) as e:
+        next(got)
+    assert str(e.value).replace(path, "s.tar") == message
+
+
 def test_writer_publishes_on_a_clean_with_exit_and_leaves_nothing_on_an_error(tmp_path):
     import numpy as np
 
