@@ -1,6 +1,7 @@
 """The mapped tar reader: same members as tarfile for USTAR, GNU and v7 archives; damaged headers named."""
 
 import io
+import json
 import os
 import tarfile
 
@@ -130,6 +131,14 @@ def test_decoded_samples_equal_decode_sample_on_the_fast_path_and_off_it(tmp_pat
     table = _mapped_shard(path, path)[1]
     assert table._arrays["hr_rgb.npy"] == (128, np.dtype("<f4"), 8)  # fast path
     assert table._arrays["lr_rgb.npy"] == (None if odd_one else (128, np.dtype("<f4"), 8))
+
+
+@pytest.mark.parametrize("text", [b'{"label": 3, "video": "v\\u00e9"}', b' {"label": 3}\n', b"[1, 2]", b"7",
+                                  '{"label": 3}'.encode("utf-16"), '\ufeff{"a": "\u00e9"}'.encode()])
+def test_metadata_decodes_as_json_loads(text):
+    from shards.tario import decode_meta
+
+    assert decode_meta(memoryview(text), "s.tar", "k") == json.loads(text)
 
 
 @pytest.mark.parametrize("damage, message", [
