@@ -1,0 +1,79 @@
+"""The in-process shard loader of this checkout against another commit's, in alternating processes.
+
+    python bench/train.py                      # once: builds the real-length shards it reads
+    python bench/loader_ab.py 3f4c737 [--rounds 4] [--shards bench/_work/shards-train-hmdb51]
+
+This machine's speed drifts by 1.5x within an hour, so two runs of bench/train.py an hour apart
+cannot tell a 20% change from the drift. Here the two versions take turns: each round starts one
+process per version (the other commit checked out in a temporary git worktree), each times its
+loader over 6 epochs of the same shards (the seed's global batch: 128 videos as LR and HR, 8
+streams) and reports its best epoch after the first; then the next round. Prints every round and
+the range of both."""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child(root: str, shards: str, epochs: int) -> None:
+    """Time the loader of the code at `root` (its own modules, not this checkout's)."""
+    sys.path.insert(0, root)
+    from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields, phase_shards
+    from shards.manifest import load_manifest
+    from shards.memory import keep_freed_memory
+
+    keep_freed_memory()
+    inputs = TRAIN_INPUTS["lr+hr"]
+    plan = StreamPlan(phase_shards(load_manifest(shards), shards, "Split1", ("Train",)), 8, 256 // 2 // 8)
+    loader = StepLoader(ShardStream(plan, 0, 1, input_fields(inputs), seed=0), 0)
+    rates = []
+    for epoch in range(epochs):
+        loader.dataset.set_position(epoch)
+        t, n = time.perf_counter(), 0
+        for _, batch in DevicePrefetcher(loader, inputs, "cpu"):
+            n += len(batch["lengths"])
+        rates.append(n / (time.perf_counter() - t))
+    print(round(max(rates[1:])))  # the first epoch maps and parses the shards
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("commit", nargs="?", help="the commit to compare against (anything `git worktree add` takes)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--shards", default=os.path.join(HERE, "bench/_work/shards-train-hmdb51"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    shards = os.path.abspath(args.shards)
+    if args.child:
+        return child(args.child, shards, args.epochs)
+    if not args.commit:
+        ap.error("name the commit to compare against")
+    if not os.path.exists(os.path.join(shards, "manifest.json")):
+        sys.exit(f"Error: no shard set at {shards}; run `python bench/train.py` once to build it")
+    with tempfile.TemporaryDirectory() as tmp:
+        other = os.path.join(tmp, "tree")
+        subprocess.run(["git", "-C", HERE, "worktree", "add", "-q", "--detach", other, args.commit], check=True)
+        try:
+            results = {args.commit: [], "this checkout": []}
+            for r in range(args.rounds):
+                for name, root in ((args.commit, other), ("this checkout", HERE)):
+                    out = subprocess.run([sys.executable, __file__, "--child", root, "--shards", shards,
+                                          "--epochs", str(args.epochs)], check=True, capture_output=True, text=True)
+                    results[name].append(int(out.stdout.split()[-1]))
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,} seq/s" for k, v in results.items()), flush=True)
+        finally:
+            subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", other], check=False)
+    for name, rates in results.items():
+        print(f"{name}: {min(rates):,}-{max(rates):,} seq/s (best epoch of each process)")
+    old, new = results.values()
+    print(f"this checkout / {args.commit}: {sorted(new)[len(new) // 2] / sorted(old)[len(old) // 2]:.2f}x (medians)")
+
+
+if __name__ == "__main__":
+    main()
