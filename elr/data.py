@@ -26,7 +26,7 @@ from shards import remote
 from shards.errors import ManifestError
 from shards.manifest import join_path, parse_rows
 from shards.schema import LR
-from shards.tario import iter_decoded_samples
+from shards.tario import iter_decoded_samples, mapped_bytes
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,7 @@ class ShardStream(IterableDataset):
         self.seed, self.buffer, self.bucket = seed, buffer, bucket
         self.streams = list(range(rank, plan.n_streams, world_size))
         self.arenas = []  # one per DataLoader worker (StepLoader sets them up)
+        self.handoff = "arena"  # how workers hand micro-batches over; StepLoader decides (see there)
         # (epoch, first step) in shared memory: persistent DataLoader workers hold copies of this
         # object made when they started, and read the position of each epoch from here
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -223,11 +224,54 @@ class ShardStream(IterableDataset):
         epoch, start_step = self.epoch, self.start_step
         gens = [stream_microbatches(self.plan, epoch, self.seed, v, self.fields, self.buffer, self.bucket)
                 for v in mine]
+        spans = info is not None and self.handoff == "spans"
         for step in range(self.plan.steps_per_epoch):
+            bundle = []
             for v, gen in zip(mine, gens):
                 samples = next(gen)
-                if step >= start_step:  # in a worker, the micro-batch is copied for the hand-off
+                if step < start_step:
+                    continue
+                if spans:  # placed, or copied if it cannot be (see as_spans)
+                    bundle.append(as_spans(samples, collate(samples, self.fields, v, step, concat=False), self.fields)
+                                  or collate(samples, self.fields, v, step, arena=arena))
+                else:  # in a worker, the micro-batch is copied for the hand-off
                     yield collate(samples, self.fields, v, step, concat=info is not None, arena=arena)
+            if bundle:
+                # one DataLoader item per worker and step (an item costs ~0.4 ms), so the DataLoader's
+                # round-robin over workers still delivers the steps in order
+                yield {"bundle": bundle}
+
+
+def as_spans(samples: list, batch: dict, fields):
+    """A micro-batch (collate's in-process form) with each field's arrays replaced by where they lie in
+    the shard files (file, byte offset, units): what a worker sends for the "spans" hand-off, a few bytes
+    a video. None unless every sample says where it lies (a remote shard's do not): then it is copied."""
+    files, rows = {}, []
+    for s in samples:
+        at = s.get("__at__")
+        if at is None:
+            return None
+        k = files.setdefault(at[0], len(files))
+        rows.append([k, *at[1]])
+    rows = np.array(rows, dtype=np.int64)  # (videos, 1 + fields): the file, then each field's offset (decode order)
+    placed = {f: (rows[:, 0], rows[:, 1 + i], [len(a) for a in batch[f]], batch[f][0].dtype.str, batch[f][0].shape[1])
+              for i, f in enumerate(fields)}
+    out = {k: v for k, v in batch.items() if k not in placed}
+    # no tensors in what crosses: the DataLoader would give each one its own shared-memory segment
+    out.update(spans=(list(files), placed), lengths=batch["lengths"].numpy(), labels=batch["labels"].numpy())
+    return out
+
+
+def from_spans(mb: dict) -> dict:
+    """The inverse of as_spans, in the training process: each field's arrays viewed in this process's
+    own maps of the same files (mapped on first use and kept, as in-process reading does)."""
+    files, placed = mb.pop("spans")
+    maps = [mapped_bytes(file) for file in files]
+    for f, (file, offset, units, dtype, dim) in placed.items():
+        dtype = np.dtype(dtype)
+        mb[f] = [np.ndarray((n, dim), dtype, maps[k], o) for k, o, n in zip(file.tolist(), offset.tolist(), units)]
+    mb["lengths"], mb["labels"] = torch.from_numpy(mb["lengths"]), torch.from_numpy(mb["labels"])
+    return mb
 
 
 def worker_count(streams_per_rank: int, wanted: int) -> int:
@@ -249,8 +293,14 @@ class StepLoader:
     """Iterates a rank's epochs: each item is the list of its streams' micro-batches for one step.
     Iterate it once per epoch, after dataset.set_position(epoch, step).
 
-    num_workers > 0: DataLoader worker processes read and collate ahead, each into its own
-    shared-memory arena (elr.arena; page-locked on CUDA, so copies to the GPU read it directly).
+    num_workers > 0: DataLoader worker processes read and decode ahead and hand each step's
+    micro-batches over in one of two ways (`handoff`). "spans" (the default without pinned memory,
+    i.e. on CPU): a worker sends only where each video lies in the shard files, and this process
+    views the same files through its own kept maps, so the step is still copied once, here, while
+    the reading and decoding happen in the workers. "arena" (the default with pin_memory, i.e. on
+    CUDA): a worker copies its micro-batches into its own shared-memory ring (elr.arena), page-locked
+    so that copies to the GPU read it directly and this process copies nothing on the host. Videos
+    a worker cannot place (a remote shard's) go through the rings either way.
     Whoever consumes a step calls free_step(group) once it holds its own copy (DevicePrefetcher does).
     The workers live as long as the loader: a new process would fault in every page of the shard
     maps and its arena again each epoch (measured: most of an epoch's time at HMDB51's size).
@@ -259,9 +309,14 @@ class StepLoader:
     PREFETCH = 4  # micro-batches each worker may have ready ahead
 
     def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False,
-                 arena_bytes: int | None = None):
+                 arena_bytes: int | None = None, handoff: str | None = None):
         self.dataset, self.pin_memory, self.arena_bytes = dataset, pin_memory, arena_bytes
         self.num_workers = worker_count(len(dataset.streams), num_workers)
+        # spans: workers send where each video lies in the shard files, and the trainer joins the step
+        # from its own maps (one copy in all, as in-process, while the reading and decoding happen in the
+        # workers); arena: workers copy micro-batches into shared rings, which on CUDA are page-locked
+        # and copied to the GPU from there, so the trainer copies nothing on the host
+        dataset.handoff = handoff or ("arena" if pin_memory else "spans")
         self._start_workers()
 
     def _start_workers(self) -> None:
@@ -276,6 +331,8 @@ class StepLoader:
         """Room per worker for what it may have ready, plus two steps' worth held by the trainer
         (one being assembled, one being copied to the GPU), twice over for uneven lengths."""
         ds, plan, size = self.dataset, self.dataset.plan, self.arena_bytes
+        if ds.handoff == "spans" and not any(remote.is_url(s.url) for s in plan.shards):
+            size = 0  # every micro-batch goes as spans: no ring to fill
         if size is None:
             per_step = len(ds.streams) // self.num_workers
             known = [s for s in plan.shards if s.bytes]
@@ -299,21 +356,28 @@ class StepLoader:
     def __iter__(self):
         if self.num_workers and not self.finished:  # an epoch left mid-way: start afresh
             self._start_workers()
-        per_step = len(self.dataset.streams)
-        arenas, group = self.dataset.arenas, []
+        per_step, group = len(self.dataset.streams), []
         self.finished = False
-        for mb in self.loader:
-            if "arena" in mb:  # view the block where the worker wrote it
-                worker, offset, end, shape, dtype = mb.pop("arena")
-                block = arenas[worker].tensor(offset, shape, np.dtype(dtype))
-                mb.update({f: block[j] for j, f in enumerate(self.dataset.fields)})
-                mb["lengths"], mb["labels"] = torch.from_numpy(mb["lengths"]), torch.from_numpy(mb["labels"])
-                mb["_free"] = (arenas[worker], end)
-            group.append(mb)
-            if len(group) == per_step:
-                yield sorted(group, key=lambda b: b["stream"])
-                group = []
+        for item in self.loader:
+            for mb in item["bundle"] if "bundle" in item else (item,):
+                group.append(self._received(mb))
+                if len(group) == per_step:
+                    yield sorted(group, key=lambda b: b["stream"])
+                    group = []
         self.finished = True
+
+    def _received(self, mb: dict) -> dict:
+        """A micro-batch as the DataLoader delivered it -> its fields as arrays or tensors in this process."""
+        if "arena" in mb:  # view the block where the worker wrote it
+            worker, offset, end, shape, dtype = mb.pop("arena")
+            arena = self.dataset.arenas[worker]
+            block = arena.tensor(offset, shape, np.dtype(dtype))
+            mb.update({f: block[j] for j, f in enumerate(self.dataset.fields)})
+            mb["lengths"], mb["labels"] = torch.from_numpy(mb["lengths"]), torch.from_numpy(mb["labels"])
+            mb["_free"] = (arena, end)
+        elif "spans" in mb:
+            from_spans(mb)
+        return mb
 
 
 def shm_free() -> int:

@@ -222,10 +222,11 @@ class SampleTable:
                     self._arrays[field] = layouts.pop()
         return self._arrays[field]
 
-    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams):
+    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams, file=None):
         """decode_sample of samples skip..skip+take; when every member of each stream shares one header
         layout (what build-shards writes), arrays are made from the table's spans without reading a
-        header per member (later epochs: a third of decode_sample's time)."""
+        header per member (later epochs: a third of decode_sample's time), and each sample also holds
+        "__at__": (file, the streams' byte offsets in it), where `file` names the mapped file."""
         layouts = [self._array_layout(view, f"{s}.npy") for s in streams]
         if not all(layouts) or "json" not in self.fields:
             for raw in self.samples(view, skip, take):
@@ -239,9 +240,12 @@ class SampleTable:
             key = key.decode() if isinstance(key, bytes) else key
             start, length = spans[meta]
             sample = {"__key__": key, "meta": decode_meta(view[start:start + length], name, key)}
+            at = []
             for stream, column, offset, dtype, dim, row_bytes in columns:
                 start, length = spans[column]
                 sample[stream] = np.ndarray(((length - offset) // row_bytes, dim), dtype, view, start + offset)
+                at.append(start + offset)
+            sample["__at__"] = (file, at)
             yield sample
 
     def samples(self, view: memoryview, skip: int, take: int | None):
@@ -279,6 +283,19 @@ def forget_mapped_shards() -> None:
     """Drop the kept maps and tables: the next read maps and parses again, and pages no map holds can
     leave the page cache (a benchmark calls this before timing a cold read)."""
     _MAPPED.clear()
+
+
+def mapped_bytes(file: tuple) -> np.ndarray:
+    """The kept map of a local shard, as read-only bytes; `file` is the (path, identity) of a decoded
+    sample's "__at__", and the file must still be the one it names (not rewritten since)."""
+    path, identity = file
+    kept = _MAPPED.get(path)
+    if kept is not None and kept[0] == identity:  # the worker has just checked the file: no stat again
+        return np.frombuffer(kept[1], np.uint8)
+    view = _mapped_shard(path, path)[0]
+    if _MAPPED[path][0] != tuple(identity):
+        raise ShardCorruptError(f"{path}: rewritten while it was being read")
+    return np.frombuffer(view, np.uint8)
 
 
 def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int | None = None):
@@ -387,7 +404,7 @@ def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans
     else:
         path = url[len("file://"):] if url.startswith("file://") else url
         view, table = _mapped_shard(path, url)
-        yield from table.decoded(view, skip, take, url, fields)
+        yield from table.decoded(view, skip, take, url, fields, (path, _MAPPED[path][0]))
 
 
 def iter_tar_samples(url: str, fields=tuple(STREAMS)):

@@ -1,5 +1,6 @@
 """Streaming loaders: equal steps per rank on uneven shards, shuffling, resume position, HTTP streaming."""
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -78,7 +79,7 @@ def test_resume_position_skips_exactly(uneven_shards):
     for a, b in zip(full[5:], tail):
         for x, y in zip(a, b):
             assert x["keys"] == y["keys"]
-            np.testing.assert_array_equal(x["lr_rgb"].numpy(), y["lr_rgb"].numpy())
+            np.testing.assert_array_equal(np.concatenate(x["lr_rgb"]), np.concatenate(y["lr_rgb"]))  # the samples' views
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -136,7 +137,7 @@ def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, are
     for epoch in (0, 1):
         ds.set_position(epoch)
         expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]
-        loader = StepLoader(ds, 2, arena_bytes=arena_bytes)
+        loader = StepLoader(ds, 2, arena_bytes=arena_bytes, handoff="arena")  # the CUDA default
         assert len(ds.arenas) == 2
         paths, merged = Counter(), []
         for group in loader:
@@ -154,6 +155,90 @@ def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, are
             assert paths["arena"] >= 1 and paths["copy"] >= 1
         else:
             assert paths == {"arena": 2 * plan.steps_per_epoch}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_span_handoff_gives_the_in_process_steps_read_from_the_trainers_own_maps(uneven_shards, workers):
+    """The CPU default for workers: they send where each video lies (file, offset, units), no bytes and no
+    rings; the trainer views its own maps of the same files. Two epochs and a resumed one equal the
+    in-process steps exactly."""
+    from elr.data import DevicePrefetcher
+
+    inputs = TRAIN_INPUTS["lr+hr"]
+    plan = StreamPlan(uneven_shards, n_streams=2, micro_batch=2)
+    ds = ShardStream(plan, 0, 1, input_fields(inputs), 0, buffer=4)
+    loader = StepLoader(ds, workers)
+    assert ds.handoff == "spans" and ds.arenas == []  # nothing to allocate in shared memory
+    for epoch, step in ((0, 0), (1, 0), (1, 2)):
+        ds.set_position(epoch, step)
+        expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]
+        got = []
+        for group in loader:
+            assert all(isinstance(a, np.ndarray) and not a.flags.writeable  # a view of a read-only map
+                       for mb in group for f in input_fields(inputs) for a in mb[f])
+            got.append(merge_to_device(group, inputs, "cpu"))
+        assert len(got) == len(expected) == plan.steps_per_epoch - step
+        for a, b in zip(got, expected):
+            for name in ("rgb", "flow", "lengths", "labels"):
+                assert torch.equal(a[name], b[name])
+
+
+def test_span_handoff_copies_videos_it_cannot_place_and_keeps_step_order(uneven_shards, tmp_path):
+    """A shard whose members have another layout (Fortran order here) is decoded header by header and
+    its videos carry no place: their micro-batches are copied through the DataLoader, beside placed ones,
+    and the steps still equal the in-process ones in order."""
+    import io
+    import json
+    import tarfile
+    from elr.data import DevicePrefetcher
+
+    rng = np.random.default_rng(1)
+    odd = str(tmp_path / "fortran.tar")
+    with tarfile.open(odd, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(7):
+            units = int(rng.integers(2, 9))
+            members = {"json": json.dumps({"label": i % 3, "units": units}).encode()}
+            for stream in STREAMS:
+                buf = io.BytesIO()
+                np.save(buf, np.asfortranarray(rng.standard_normal((units, 4)).astype(np.float32)))
+                members[f"{stream}.npy"] = buf.getvalue()
+            for field, data in members.items():
+                info = tarfile.TarInfo(f"f{i:03d}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    inputs = TRAIN_INPUTS["lr+hr"]
+    plan = StreamPlan(uneven_shards + [(odd, 7)], n_streams=2, micro_batch=2)
+    ds = ShardStream(plan, 0, 1, input_fields(inputs), 0, buffer=4)
+    expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]
+    kinds, got = Counter(), []
+    for group in StepLoader(ds, 2):
+        kinds.update("copied" if isinstance(mb["lr_rgb"], torch.Tensor) else "placed" for mb in group)
+        got.append(merge_to_device(group, inputs, "cpu"))
+    assert kinds["copied"] >= 1 and kinds["placed"] >= 1
+    assert len(got) == len(expected) == plan.steps_per_epoch
+    for a, b in zip(got, expected):
+        for name in ("rgb", "flow", "lengths", "labels"):
+            assert torch.equal(a[name], b[name])
+
+
+def test_a_shard_rewritten_between_worker_and_trainer_is_named(tmp_path):
+    from shards.tario import iter_decoded_samples, mapped_bytes, forget_mapped_shards
+    from shards.errors import ShardCorruptError
+
+    path = str(tmp_path / "s.tar")
+    for units in (3, 5):  # the second file replaces the first by rename, as build-shards does
+        with TarShardWriter(path + ".new") as w:
+            w.write("k000", {s: np.ones((units, 4), np.float32) for s in STREAMS}, {"label": 0})
+            w.close()
+        if units == 3:
+            os.replace(path + ".new", path)
+            file, offsets = next(iter_decoded_samples(path, fields=LR))["__at__"]  # what a worker sends
+            assert mapped_bytes(file)[offsets[0]:offsets[0] + 12 * 4].view(np.float32).tolist() == [1.0] * 12
+    os.replace(path + ".new", path)
+    forget_mapped_shards()  # a trainer that had not mapped it yet
+    with pytest.raises(ShardCorruptError) as e:
+        mapped_bytes(file)
+    assert str(e.value) == f"{path}: rewritten while it was being read"
 
 
 def test_bucketing_keeps_padding_small(uneven_shards):
