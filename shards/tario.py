@@ -222,7 +222,7 @@ class SampleTable:
                     self._arrays[field] = layouts.pop()
         return self._arrays[field]
 
-    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams, file=None):
+    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams, file: tuple):
         """decode_sample of samples skip..skip+take; when every member of each stream shares one header
         layout (what build-shards writes), arrays are made from the table's spans without reading a
         header per member (later epochs: a third of decode_sample's time), and each sample also holds
@@ -293,7 +293,7 @@ def mapped_bytes(file: tuple) -> np.ndarray:
     if kept is not None and kept[0] == identity:  # the worker has just checked the file: no stat again
         return np.frombuffer(kept[1], np.uint8)
     view = _mapped_shard(path, path)[0]
-    if _MAPPED[path][0] != tuple(identity):
+    if _MAPPED[path][0] != identity:
         raise ShardCorruptError(f"{path}: rewritten while it was being read")
     return np.frombuffer(view, np.uint8)
 
@@ -392,8 +392,11 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None, spans=Non
     if remote.is_url(url):
         yield from remote_samples(url, skip, take, spans)
     else:
-        path = url[len("file://"):] if url.startswith("file://") else url
-        yield from mapped_samples(path, url, skip, take)
+        yield from mapped_samples(_local_path(url), url, skip, take)
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans=None, fields=tuple(STREAMS)):
@@ -402,7 +405,7 @@ def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans
         for raw in remote_samples(url, skip, take, spans):
             yield decode_sample(raw, url, fields)
     else:
-        path = url[len("file://"):] if url.startswith("file://") else url
+        path = _local_path(url)
         view, table = _mapped_shard(path, url)
         yield from table.decoded(view, skip, take, url, fields, (path, _MAPPED[path][0]))
 
