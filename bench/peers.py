@@ -15,13 +15,16 @@ step, the fairest comparison); `--peer-collate pad` pads each peer batch to its 
 (the seed's layout, per batch rather than per split), which at HMDB51's lengths moves several times
 the bytes. Rows in the same run, for the ratios of
 issue 11: the seed's loader (bench/train.py's SeedDataLayer, 2 workers) and the one-copy ceiling (e).
-Cold rows: one epoch of each loader at 0 workers after the page cache is dropped (root only).
+Cold rows: one epoch of each loader at 0 workers, each in a fresh process, after the warm rounds'
+loaders have shut down and the page cache is dropped (root only).
 """
 
 import argparse
+import gc
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -262,6 +265,7 @@ def main():
     ap.add_argument("--batch-decode", default="1",
                     help="LitData's StreamingDataset(batch_decode=...): 1, its fastest here (its default, auto, ran 10x slower)")
     ap.add_argument("--loaders", nargs="+", default=["ours", "litdata", "mds", "webdataset", "seed"])
+    ap.add_argument("--cold-one", help=argparse.SUPPRESS)  # a cold row, in a process of its own
     args = ap.parse_args()
     keep_freed_memory()  # every loader in this process (and its forked workers) gets the same malloc tuning
     root, shards = os.path.join(args.work, "HMDB51-hmdb51"), os.path.join(args.work, "shards-train-hmdb51")
@@ -277,6 +281,11 @@ def main():
             write(videos, folder + ".tmp")
             shutil.move(folder + ".tmp", folder)
             print(f"wrote {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.cold_one:
+        (rate, _), = run_epochs(getattr(Loaders(args, shards, lit, mds, root), args.cold_one),
+                                2 if args.cold_one == "seed" else 0, (100,))[0]
+        print(rate)
+        return
     tar_bytes = sum(s.bytes for s in Loaders(args, shards, lit, mds, root).plan.shards)
     n_videos = len(videos)
     print(f"{n_videos} videos, {sum(r['units'] for r in load_manifest(shards)['splits']['Split1']['Train']['samples'])} "
@@ -305,17 +314,21 @@ def main():
                     checks[(name, k)] = checks.get((name, k), True) and ok
             print(f"round {r + 1}: {name} {k} workers: {results[1][0]:.0f} seq/s", flush=True)
     cold = {}
-    if drop_caches():
-        from shards.tario import forget_mapped_shards
+    # the page cache keeps what a live process maps: the warm rounds' loaders (and their workers) go
+    # first, and each cold row runs in a fresh process of its own
+    loaders = None
+    gc.collect()
+    from shards.tario import forget_mapped_shards
 
+    forget_mapped_shards()
+    if drop_caches():
         for name in args.loaders:
-            if name == "ours":
-                forget_mapped_shards()
             drop_caches()
-            k = 2 if name == "seed" else 0
-            fresh = Loaders(args, shards, lit, mds, root)  # no state kept from the warm rounds
-            (rate, _), = run_epochs(getattr(fresh, name), k, (100,))[0]
-            cold[name] = rate
+            argv = [sys.executable, os.path.abspath(__file__), "--work", args.work, "--dim", str(args.dim),
+                    "--videos-per-class", str(args.videos_per_class), "--batch-size", str(args.batch_size),
+                    "--peer-collate", args.peer_collate, "--batch-decode", args.batch_decode, "--cold-one", name]
+            out = subprocess.run(argv, check=True, capture_output=True, text=True)
+            cold[name] = float(out.stdout.split()[-1])
     m = load_manifest(shards)
     units = sum(r["units"] for r in m["splits"]["Split1"]["Train"]["samples"])
     ceiling = copy_ceiling(int(2 * units / n_videos * m["dim"] * 4))  # a sequence: RGB + flow of one resolution
