@@ -31,10 +31,6 @@ def child(root: str, shards: str, epochs: int, cold: bool) -> None:
     inputs = TRAIN_INPUTS["lr+hr"]
     plan = StreamPlan(phase_shards(load_manifest(shards), shards, "Split1", ("Train",)), 8, 256 // 2 // 8)
     loader = StepLoader(ShardStream(plan, 0, 1, input_fields(inputs), seed=0), 0)
-    if cold:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
     rates = []
     for epoch in range(epochs):
         loader.dataset.set_position(epoch)
@@ -59,7 +55,10 @@ def main():
         return child(args.child, shards, 1 if args.cold else args.epochs, args.cold)
     if not args.commit:
         ap.error("name the commit to compare against")
-    if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+    if args.cold:
+        sys.path.insert(0, HERE)
+        from bench.train import drop_caches  # in this process only: a child imports its own tree's modules
+    if args.cold and not drop_caches():
         sys.exit("Error: --cold drops the page cache, which needs root (/proc/sys/vm/drop_caches)")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         sys.exit(f"Error: no shard set at {shards}; run `python bench/train.py` once to build it")
@@ -70,6 +69,8 @@ def main():
             results = {args.commit: [], "this checkout": []}
             for r in range(args.rounds):
                 for name, root in ((args.commit, other), ("this checkout", HERE)):
+                    if args.cold:
+                        drop_caches()  # the child maps the shards after this
                     out = subprocess.run([sys.executable, __file__, "--child", root, "--shards", shards,
                                           "--epochs", str(args.epochs)] + (["--cold"] if args.cold else []),
                                          check=True, capture_output=True, text=True)
