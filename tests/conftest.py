@@ -58,6 +58,36 @@ def build(root, client, **options):
     return build_shards(str(root), BuildConfig(**options), client=client)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (tests may run side by side: pytest -n)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args) -> list:
+    """A torchrun command line on a port of its own: two at once on the default 29500 would collide."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args]
+
+
+def run_side_by_side(commands, timeout=120, **popen) -> list:
+    """subprocess.run of each command, all started at once (each mostly waits on its own imports):
+    [CompletedProcess] in the commands' order."""
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+             for cmd in commands]
+    results = []
+    for cmd, proc in zip(commands, procs):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    return results
+
+
 def source_array(root, split, phase, stream_folder, class_name, video):
     return np.load(os.path.join(root, split, f"{phase}_{stream_folder}", class_name, video + ".npy"),
                    allow_pickle=False)
@@ -69,13 +99,8 @@ class HttpServer:
     whole file, as many simple servers do."""
 
     def __init__(self, directory, port=None):
-        import socket
-
         self.directory = str(directory)
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+        port = port or free_port()
         self.port, self.url, self.proc, self.requests = port, f"http://127.0.0.1:{port}", None, []
 
     def start(self):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build
+from conftest import build, run_side_by_side
 from shards.demo import DemoConfig, make_demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +35,13 @@ def own_shards(shards, tmp_path):
     return copy
 
 
+def train_command(*args) -> list:
+    return [os.path.join(BIN, "elr-train"), *map(str, args)]
+
+
 def train_cli(*args, timeout=120, **popen):
-    cmd = [os.path.join(BIN, "elr-train"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV, **popen)
+    return subprocess.run(train_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV,
+                          **popen)
 
 
 def assert_one_error(result, expected, code=1):
@@ -64,8 +68,10 @@ def test_train_bad_shard_sets_and_folders(shards, tmp_path):
     ]
     if torch.version.cuda is not None:
         cases = [c for c in cases if "--device" not in c[0]]
-    for args, expected in cases:
-        result = train_cli("--out", out, *args, *SMALL)
+    outs = [tmp_path / f"run{i}" for i in range(len(cases))]  # an --out in a case's args comes later and wins
+    results = run_side_by_side([train_command("--out", out, *args, *SMALL) for out, (args, _) in zip(outs, cases)],
+                               cwd=REPO, env=ENV)
+    for out, (args, expected), result in zip(outs, cases, results):
         assert_one_error(result, expected, code=2 if "--device" in args else 1)  # 2: refused while parsing
         assert not out.exists(), "a failed run leaves no run folder"
 
@@ -138,33 +144,43 @@ def test_resume_refuses_another_shard_set_or_model_and_says_when_it_finds_nothin
     (own_shards / "manifest.json").write_text(json.dumps(m))
     from shards.manifest import load_manifest, manifest_digest
     other = manifest_digest(load_manifest(str(own_shards)))
-    assert_one_error(train_cli("--shards", own_shards, "--out", out, *SMALL, "--resume"),
-                     f"--resume: {out / 'last.pt'} was trained on another shard set (manifest sha256 {digest[:12]}, "
-                     f"--shards {own_shards} has {other[:12]})")
-    assert_one_error(train_cli("--shards", shards, "--out", out, *SMALL, "--resume", "--hidden", "16", "--lr", "0.01"),
-                     f"--resume: {out / 'last.pt'} was trained with --lr 0.001, --hidden 8; this run has --lr 0.01, "
-                     "--hidden 16 (use the same options, or another --out)")
-    state = torch.load(out / "last.pt", weights_only=True)
-    del state["config"]["length_bucketing"]  # a checkpoint from before the option: it was trained bucketed
-    torch.save(state, out / "last.pt")
-    assert_one_error(train_cli("--shards", shards, "--out", out, *SMALL, "--resume"),
-                     f"--resume: {out / 'last.pt'} was trained with --length-bucketing True; this run has "
-                     "--length-bucketing False (use the same options, or another --out)")
+    old = tmp_path / "old"  # the same run, as a version before --length-bucketing wrote it (trained bucketed)
+    shutil.copytree(out, old)
+    state = torch.load(old / "last.pt", weights_only=True)
+    del state["config"]["length_bucketing"]
+    torch.save(state, old / "last.pt")
+    results = run_side_by_side([train_command("--shards", own_shards, "--out", out, *SMALL, "--resume"),
+                                train_command("--shards", shards, "--out", out, *SMALL, "--resume", "--hidden", "16",
+                                              "--lr", "0.01"),
+                                train_command("--shards", shards, "--out", old, *SMALL, "--resume")], cwd=REPO, env=ENV)
+    assert_one_error(results[0], f"--resume: {out / 'last.pt'} was trained on another shard set (manifest sha256 "
+                                 f"{digest[:12]}, --shards {own_shards} has {other[:12]})")
+    assert_one_error(results[1], f"--resume: {out / 'last.pt'} was trained with --lr 0.001, --hidden 8; this run has "
+                                 "--lr 0.01, --hidden 16 (use the same options, or another --out)")
+    assert_one_error(results[2], f"--resume: {old / 'last.pt'} was trained with --length-bucketing True; this run "
+                                 "has --length-bucketing False (use the same options, or another --out)")
 
 
 def test_resume_from_a_damaged_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     assert train_cli("--shards", shards, "--out", out, *SMALL, "--max-steps", "1").returncode == 0
-    path = out / "last.pt"
-    whole = path.read_bytes()
-    for damaged in (whole[:len(whole) // 2], b"", b"not a checkpoint at all, just text\n" * 10):
-        path.write_bytes(damaged)
-        result = train_cli("--shards", shards, "--out", out, *SMALL, "--resume")
+    whole = (out / "last.pt").read_bytes()
+    damaged = {"cut": whole[:len(whole) // 2], "empty": b"", "text": b"not a checkpoint at all, just text\n" * 10}
+    for name, data in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "last.pt").write_bytes(data)
+    (tmp_path / "other").mkdir()
+    torch.save({"model": {"rnn1.weight_ih_l0": torch.zeros(2)}}, tmp_path / "other" / "last.pt")  # another program's
+    names = [*damaged, "other"]
+    results = run_side_by_side([train_command("--shards", shards, "--out", tmp_path / name, *SMALL, "--resume")
+                                for name in names], cwd=REPO, env=ENV)
+    for name, result in zip(names, results):
+        path = tmp_path / name / "last.pt"
+        if name == "other":
+            assert_one_error(result, f"{path}: not a train/ddp.py checkpoint of this version (no run, manifest_sha256, config)")
+            continue
         assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
         assert result.stderr.startswith(f"Error: {path}: not a readable checkpoint (empty, cut off or another format: ")
-    torch.save({"model": {"rnn1.weight_ih_l0": torch.zeros(2)}}, path)  # another program's checkpoint
-    assert_one_error(train_cli("--shards", shards, "--out", out, *SMALL, "--resume"),
-                     f"{path}: not a train/ddp.py checkpoint of this version (no run, manifest_sha256, config)")
 
 
 def test_restart_never_resumes_another_runs_checkpoint(shards, tmp_path, monkeypatch):
@@ -242,14 +258,14 @@ def test_malformed_manifest_is_one_error_everywhere(own_shards, tmp_path, edit, 
     path.write_text(json.dumps(m))
     checkpoint = tmp_path / "x.pt"
     torch.save({"model": {}}, checkpoint)
-    for cmd in ([os.path.join(BIN, "elr-ingest"), "verify", str(own_shards), "-q"],
+    commands = ([os.path.join(BIN, "elr-ingest"), "verify", str(own_shards), "-q"],
                 [os.path.join(BIN, "elr-ingest"), "info", str(own_shards)],
                 [os.path.join(BIN, "elr-eval"), "run", "--shards", str(own_shards), "--checkpoint", str(checkpoint),
                  "--out", str(tmp_path / "eval")],
-                [os.path.join(BIN, "elr-train"), "--shards", str(own_shards), "--out", str(tmp_path / "run")]):
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, (cmd, result.stderr[-2000:])
-        assert result.stderr.startswith(f"Error: {path}: {problem}"), (cmd, result.stderr)
+                [os.path.join(BIN, "elr-train"), "--shards", str(own_shards), "--out", str(tmp_path / "run")])
+    for result in run_side_by_side(commands, env=ENV):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (result.args, result.stderr[-2000:])
+        assert result.stderr.startswith(f"Error: {path}: {problem}"), (result.args, result.stderr)
 
 
 def test_a_manifest_that_is_a_list_or_not_json(own_shards):

@@ -4,13 +4,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import torchrun
 from elr.model import TwoStreamGRU, export_seed_state_dict, normalise_units
 from shards.manifest import load_manifest
 from shards.tario import iter_tar_samples
@@ -109,9 +109,9 @@ def test_dask_path(built_master, checkpoint, tmp_path, dask_client):
 
 def test_torchrun_ranks_are_jobs_and_rank0_merges(built_master, checkpoint, tmp_path):
     out = tmp_path / "torchrun"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                             "train.eval_cli", "run", "--shards", str(built_master), "--checkpoint", checkpoint,
-                             "--out", str(out), "--device", "cpu"], capture_output=True, text=True, cwd=REPO,
+    result = subprocess.run(torchrun("--nproc-per-node", "2", "-m", "train.eval_cli", "run", "--shards",
+                                     str(built_master), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"),
+                            capture_output=True, text=True, cwd=REPO,
                             timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p for p in os.listdir(out) if p.startswith("part-")) == \
