@@ -11,6 +11,7 @@ streams) and reports its best epoch after the first; then the next round. Prints
 the range of both. --cold: one epoch per process, after the page cache is dropped (root only)."""
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def child(root: str, shards: str, epochs: int, cold: bool) -> None:
     inputs = TRAIN_INPUTS["lr+hr"]
     plan = StreamPlan(phase_shards(load_manifest(shards), shards, "Split1", ("Train",)), 8, 256 // 2 // 8)
     loader = StepLoader(ShardStream(plan, 0, 1, input_fields(inputs), seed=0), 0)
+    gc.freeze()  # as train/ddp.py during its epochs (shards.memory.long_lived_frozen), for both trees
     rates = []
     for epoch in range(epochs):
         loader.dataset.set_position(epoch)

@@ -281,6 +281,9 @@ def main():
             write(videos, folder + ".tmp")
             shutil.move(folder + ".tmp", folder)
             print(f"wrote {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    # every loader runs with the objects of setup (torch, the peers' modules) frozen out of the garbage
+    # collector's full collections, as train/ddp.py runs its epochs (shards.memory.long_lived_frozen)
+    gc.freeze()
     if args.cold_one:
         (rate, _), = run_epochs(getattr(Loaders(args, shards, lit, mds, root), args.cold_one),
                                 2 if args.cold_one == "seed" else 0, (100,))[0]

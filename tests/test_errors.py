@@ -228,6 +228,8 @@ def test_epochs_end_exactly_at_max_steps(shards, tmp_path):
     assert record["epoch"] == 1 and record["test_acc"] is not None  # the epoch finished, and was tested
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+    import gc
+    assert gc.get_freeze_count() == 0  # train() froze setup's objects for its epochs only
 
 
 def test_amp_bf16_trains_on_cpu(shards, tmp_path):

@@ -298,3 +298,34 @@ def test_float16_shards_stay_float16_until_normalised_in_float32(tmp_path):
     wide = expected.astype(np.float32)
     assert normalised.dtype == torch.float32
     np.testing.assert_allclose(normalised.numpy(), wide / np.linalg.norm(wide, axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_long_lived_frozen_hides_what_exists_from_collections_only_within_the_block():
+    import gc
+    import weakref
+
+    from shards.memory import long_lived_frozen
+
+    class Node:
+        pass
+
+    def cycle():  # garbage only a collection frees
+        node = Node()
+        node.self = node
+        return weakref.ref(node)
+
+    setup = [Node() for _ in range(1000)]
+    gc.disable()  # no automatic collection between the steps below
+    try:
+        before = cycle()
+        with long_lived_frozen():
+            assert gc.get_freeze_count() >= len(setup)
+            inside = cycle()
+            gc.collect()
+            assert inside() is None  # garbage made inside is collected
+            assert before() is not None  # frozen with everything else until the block ends
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert before() is None
+    finally:
+        gc.enable()

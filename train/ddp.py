@@ -38,7 +38,7 @@ try:
     from shards.cli import error_text
     from shards.errors import ELRError, ShardCorruptError
     from shards.manifest import load_manifest, manifest_digest
-    from shards.memory import keep_freed_memory
+    from shards.memory import keep_freed_memory, long_lived_frozen
     from shards.schema import LR
 except ModuleNotFoundError as e:  # run from a checkout that was never installed
     sys.exit(f"Error: cannot import {e.name!r}: install the project first (bash scripts/setup.sh, or pip install -e .)")
@@ -427,26 +427,27 @@ def train(cfg: TrainConfig) -> dict:
         log("config " + json.dumps(resolved, sort_keys=True))
 
     record = trainer.history[-1] if trainer.history else {"test_acc": None}
-    for epoch in range(start_epoch, cfg.epochs):
-        stats, stopped = trainer.train_epoch(epoch, start_step, stats)
-        if stats.steps < plan.steps_per_epoch:
-            break  # --max-steps stopped it mid-epoch: checkpointed where it stopped
-        record = epoch_record(cfg, epoch, trainer, stats)
-        if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs or stopped:  # and the run's last epoch
-            record["test_acc"] = trainer.evaluate()
-            if cfg.export_seed and setup.master:
-                export_seed_state_dict(model, os.path.join(cfg.out, f"state_dict-epoch-{epoch + 1}.pth"))
-        trainer.history.append(record)
-        start_step, stats = 0, EpochStats()
-        trainer.checkpoint(epoch + 1, 0, stats)
-        if setup.master:
-            write_metrics(os.path.join(cfg.out, "metrics.jsonl"), trainer.history)
-            plot_curves(trainer.history, os.path.join(cfg.out, "curves.png"))
-            acc = "" if record["test_acc"] is None else f"  LR test acc {100 * record['test_acc']:.1f}%"
-            log(f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {record['samples_per_s']:.0f} seq/s  "
-                f"padding {100 * record['padding']:.1f}%  data wait {100 * record['data_wait']:.1f}%{acc}")
-        if stopped:
-            break
+    with long_lived_frozen():  # full collections would walk torch's ~170k objects (shards.memory)
+        for epoch in range(start_epoch, cfg.epochs):
+            stats, stopped = trainer.train_epoch(epoch, start_step, stats)
+            if stats.steps < plan.steps_per_epoch:
+                break  # --max-steps stopped it mid-epoch: checkpointed where it stopped
+            record = epoch_record(cfg, epoch, trainer, stats)
+            if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs or stopped:  # and the run's last epoch
+                record["test_acc"] = trainer.evaluate()
+                if cfg.export_seed and setup.master:
+                    export_seed_state_dict(model, os.path.join(cfg.out, f"state_dict-epoch-{epoch + 1}.pth"))
+            trainer.history.append(record)
+            start_step, stats = 0, EpochStats()
+            trainer.checkpoint(epoch + 1, 0, stats)
+            if setup.master:
+                write_metrics(os.path.join(cfg.out, "metrics.jsonl"), trainer.history)
+                plot_curves(trainer.history, os.path.join(cfg.out, "curves.png"))
+                acc = "" if record["test_acc"] is None else f"  LR test acc {100 * record['test_acc']:.1f}%"
+                log(f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {record['samples_per_s']:.0f} seq/s  "
+                    f"padding {100 * record['padding']:.1f}%  data wait {100 * record['data_wait']:.1f}%{acc}")
+            if stopped:
+                break
     if setup.world > 1:
         dist.barrier()
         dist.destroy_process_group()
