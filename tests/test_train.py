@@ -117,9 +117,19 @@ def wait_for_step(out, at_least, proc, timeout=120):
     raise AssertionError("the run ended or stalled before it could be killed")
 
 
-def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_path):
-    common = ["--shards", train_shards, "--epochs", "3", *SMALL, "--checkpoint-every", "1"]
-    run([sys.executable, TRAIN, "--out", str(tmp_path / "clean"), *common])
+RESTARTED = ["--epochs", "3", *SMALL, "--checkpoint-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_shards, tmp_path_factory):
+    """The folder of a run of RESTARTED that nothing interrupts (killed and restarted runs compare with it)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run([sys.executable, TRAIN, "--out", str(out), "--shards", train_shards, *RESTARTED])
+    return out
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, uninterrupted, tmp_path):
+    common = ["--shards", train_shards, *RESTARTED]
     out = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2"], cwd=REPO, env=ENV,
                             start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -130,25 +140,14 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(train_shards, tmp_p
     steps_per_epoch = 6  # 48 videos in Train + Validation, 2 streams x 2 videos x 6 steps
     assert state["global_step"] < 3 * steps_per_epoch, "killed too late"
     run([sys.executable, TRAIN, "--out", out, *common, "--nproc", "2", "--resume"])
-    assert_same_weights(weights(out), uninterrupted)
+    assert_same_weights(weights(out), weights(uninterrupted))
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    clean = [json.loads(line) for line in open(tmp_path / "clean" / "metrics.jsonl")]
+    clean = [json.loads(line) for line in open(uninterrupted / "metrics.jsonl")]
     assert [m["epoch"] for m in metrics] == [1, 2, 3] and os.path.exists(os.path.join(out, "curves.png"))
     for got, want in zip(metrics, clean):  # the killed epoch reports what the uninterrupted one did
         assert got["step"] == want["step"] and got["padding"] == want["padding"], (got, want)
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), (got, want)
         assert got["test_acc"] == want["test_acc"]
-
-
-RESTARTED = ["--epochs", "3", *SMALL, "--checkpoint-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(train_shards, tmp_path_factory):
-    """The weights of a run of RESTARTED that nothing interrupts (both launchers compare with it)."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run([sys.executable, TRAIN, "--out", str(out), "--shards", train_shards, *RESTARTED])
-    return weights(out)
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "python"])
@@ -168,7 +167,7 @@ def test_max_restarts_recovers_from_a_killed_worker(train_shards, uninterrupted,
     assert len(workers) == 2, [p.cmdline() for p in workers]
     workers[-1].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
-    assert_same_weights(weights(out), uninterrupted)
+    assert_same_weights(weights(out), weights(uninterrupted))
 
 
 def demo_shards(tmp_path, dask_client, **demo):
