@@ -59,7 +59,7 @@ def build(root, client, **options):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (tests may run side by side: pytest -n)."""
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as s:

@@ -111,8 +111,7 @@ def test_torchrun_ranks_are_jobs_and_rank0_merges(built_master, checkpoint, tmp_
     out = tmp_path / "torchrun"
     result = subprocess.run(torchrun("--nproc-per-node", "2", "-m", "train.eval_cli", "run", "--shards",
                                      str(built_master), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"),
-                            capture_output=True, text=True, cwd=REPO,
-                            timeout=240)
+                            capture_output=True, text=True, cwd=REPO, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p for p in os.listdir(out) if p.startswith("part-")) == \
         ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
