@@ -243,7 +243,7 @@ def main():
     rows["(e2) one copy per sequence from the mapped shards"] = mapped_copy_rate(plan)
     warm(shards)
     warm(root)
-    gc.freeze()  # setup's objects out of full collections, as train/ddp.py runs its epochs (long_lived_frozen)
+    gc.freeze()  # again: the loader rows' kept maps and tables join setup's objects for the training rows
 
     torch.manual_seed(0)
     model = TwoStreamGRU(manifest["dim"], args.hidden, len(manifest["classes"])).to(device)

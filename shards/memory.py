@@ -37,8 +37,8 @@ def long_lived_frozen():
     here, most of a warm epoch of the shard loader, and a first epoch (shard tables, kept maps) sets off
     two. Enter it once setup is done, when what exists (modules, model, manifest) outlives the block; it
     also stops collections in loader workers forked inside it from writing to those objects' pages
-    (copy-on-write). Garbage made inside is collected as before, and garbage frozen at the start
-    after the block."""
+    (copy-on-write). Garbage made inside is collected as before; garbage that was already there when
+    the block began is collected after it."""
     gc.freeze()
     try:
         yield
