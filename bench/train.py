@@ -4,8 +4,11 @@
 
 On one HMDB51-shaped tree (51 classes x 34 videos per phase, each video's length drawn from its
 class in real HMDB51; --lengths uniform: the older 4-16 units) and its tar shards, measures in sequences/s:
-  (a) our shard loader alone, in the training process and with 1 and 2 DataLoader workers (their
-      micro-batches handed over through shared-memory arenas, elr/arena.py)
+  (a) our shard loader alone, in the training process and with 1 and 2 DataLoader workers (on CPU
+      a worker sends where each video lies in the shards and the trainer joins the step; on CUDA it
+      copies its micro-batches into page-locked shared rings, elr/arena.py, read by the GPU copy),
+      alternating for --rounds; on CPU also the CUDA default's host side: 2 workers filling rings
+      that the trainer views and gives back, with no join (there the GPU copy reads them)
   (b) full training steps with it
   (c) the seed's loader alone: one np.load per stream and sample, padded to the split's longest
       video (HMDB51DataLayer), and training steps with it
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.ingest import warm  # noqa: E402
-from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, input_fields  # noqa: E402
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, free_step, input_fields  # noqa: E402
 from elr.data import phase_shards  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
 from elr.model import TwoStreamGRU, normalise_units, pack_units  # noqa: E402
@@ -42,6 +45,7 @@ from shards.memory import keep_freed_memory  # noqa: E402
 from shards.tario import forget_mapped_shards  # noqa: E402
 
 INPUTS = TRAIN_INPUTS["lr+hr"]  # the seed's coupling: every video as an LR and an HR sequence
+ARENA_ROW = "(a) 2 workers, rings as on CUDA, host side only"
 FIELDS = input_fields(INPUTS)
 
 
@@ -193,12 +197,21 @@ def main():
 
     loaders = {}  # one per (plan, workers), kept across epochs as train/ddp.py keeps its own (and its workers)
 
-    def our_loader(epoch=0, plan=plan, workers=workers):
-        key = (id(plan), workers)
+    def our_loader(epoch=0, plan=plan, workers=workers, handoff=None):
+        key = (id(plan), workers, handoff)
         if key not in loaders:
-            loaders[key] = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), workers, pin_memory=device.type == "cuda")
+            loaders[key] = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), workers,
+                                      pin_memory=device.type == "cuda", handoff=handoff)
         loaders[key].dataset.set_position(epoch)
         return DevicePrefetcher(loaders[key], INPUTS, device)
+
+    def arena_steps(epoch):
+        """The host side of the CUDA default on this CPU: 2 workers copy each step into their shared
+        rings, and the trainer views the blocks and gives them back, as it does on CUDA once the side
+        stream has copied them to the GPU (there the rings are also page-locked)."""
+        for group in our_loader(epoch, workers=2, handoff="arena").steps:
+            yield group
+            free_step(group)
 
     def seed_loader(epoch=0):
         ds = SeedDataLayer(os.path.join(root, "Split1"), "Train")
@@ -220,11 +233,14 @@ def main():
     # after a fork every page of the parent's heap faults on its next write (copy-on-write).
     for epoch in (1, 2):
         rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(our_loader, ours_per_item, epoch=epoch)
-    for k in (0, 1, 2):  # the hand-off between processes: in-process, then 1 and 2 workers, alternating
-        for _ in range(args.rounds):
+    handoffs = {f"(a) shard loader alone, {k} workers, warm, epoch 2": (lambda e, k=k: our_loader(e, workers=k), ours_per_item)
+                for k in (0, 1, 2)}  # the hand-off between processes: in-process, 1 and 2 workers
+    if device.type == "cpu":
+        handoffs[ARENA_ROW] = (arena_steps, lambda group: 2 * sum(len(mb["lengths"]) for mb in group))
+    for _ in range(args.rounds):  # alternating
+        for key, (factory, per_item) in handoffs.items():
             for epoch in (1, 2):  # the second epoch counts (the first grows heaps and arenas)
-                r = epoch_rate(lambda e: our_loader(e, workers=k), ours_per_item, epoch=epoch)
-            key = f"(a) shard loader alone, {k} workers, warm, epoch 2"
+                r = epoch_rate(factory, per_item, epoch=epoch)
             rows[key] = max(rows.get(key, 0.0), r)
     warm(half)
     for epoch in (1, 2):  # half the bytes to copy; epoch 1 only warms this set's maps and tables
@@ -317,6 +333,9 @@ def main():
     for k in (1, 2):
         print(f"(a) with {k} worker{'s' * (k > 1)} / in-process, warm, epoch 2: "
               f"{100 * rows[f'(a) shard loader alone, {k} workers, warm, epoch 2'] / inproc:.0f}%")
+    if ARENA_ROW in rows:
+        print(f"(a) the CUDA default's host side (2 workers, rings) / in-process, warm, epoch 2: "
+              f"{100 * rows[ARENA_ROW] / inproc:.0f}%")
     half = rows["(a) float16 shards, warm, epoch 2"] / rows["(c) seed loader alone, warm, epoch 2"]
     print(f"(a) float16 shards / (c), warm, epoch 2: {half:.1f}x")
     ceiling = rows["(e) one memory copy per sequence (ceiling)"] / rows["(c) seed loader alone, warm, epoch 2"]
