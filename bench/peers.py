@@ -292,7 +292,7 @@ def cold_rows(args, shards: str, n_videos: int) -> dict:
     cold = {}
     tars = sorted(glob.glob(os.path.join(shards, "Split1", "Train", "*.tar")))
     for r in range(args.rounds):
-        drop_caches()  # the floor under every cold row: our Train shards read, nothing decoded
+        drop_caches()  # what the disk gives this round for our Train shards' bytes, nothing decoded
         cold.setdefault("disk", []).append(2 * n_videos / read_cold(tars))
         print(f"round {r + 1}: disk (our shards' bytes) cold: {cold['disk'][-1]:.0f} seq/s", flush=True)
         for name in args.loaders:
@@ -385,8 +385,9 @@ def main():
     print(f"| one memory copy per sequence (e) | | {ceiling:,.0f} | | | |")
     for name, rates in cold.items():
         what = "our Train shards read with 8 MB reads, nothing else (the disk)" if name == "disk" else name
+        workers = {"seed": 2, "disk": ""}.get(name, 0)
         print(f"| {what}, cold cache (best of {len(rates)}; rounds {', '.join(f'{r:,.0f}' for r in rates)}) | "
-              f"{2 if name == 'seed' else 0 if name != 'disk' else ''} | {max(rates):,.0f} | | | |")
+              f"{workers} | {max(rates):,.0f} | | | |")
     ours_default = rows.get(("ours", 0))
     peers = {key: v for key, v in rows.items() if key[0] not in ("ours", "seed")}
     if ours_default and peers:

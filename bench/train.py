@@ -195,7 +195,7 @@ def main():
     plan, half_plan = train_plan(shards), train_plan(half)
     n = args.steps
 
-    loaders = {}  # one per (plan, workers), kept across epochs as train/ddp.py keeps its own (and its workers)
+    loaders = {}  # one per (plan, workers, hand-off), kept across epochs as train/ddp.py keeps its own (and its workers)
 
     def our_loader(epoch=0, plan=plan, workers=workers, handoff=None):
         key = (id(plan), workers, handoff)
