@@ -113,10 +113,10 @@ class StreamPlan:
         return pieces
 
 
-def iter_pieces(pieces, fields):
-    """Decoded samples of [(ShardRef, skip, take)]."""
+def iter_pieces(pieces, fields, keep: bool = False):
+    """Decoded samples of [(ShardRef, skip, take)]; keep: see iter_decoded_samples."""
     for shard, skip, take in pieces:
-        yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields)
+        yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields, keep)
 
 
 def collate(samples, fields, stream: int, step: int, concat: bool = True, arena=None) -> dict:
@@ -163,7 +163,9 @@ def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fi
 
     def slots_filled():
         head, n = [], 0
-        for sample in iter_pieces(plan.stream_pieces(epoch, seed, stream), fields):
+        # keep=True: every epoch reads the same videos, so a process decodes each once (nothing here
+        # changes a sample)
+        for sample in iter_pieces(plan.stream_pieces(epoch, seed, stream), fields, keep=True):
             if len(head) < slots:
                 head.append(sample)
             n += 1

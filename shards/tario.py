@@ -177,6 +177,11 @@ def iter_mapped_members(path: str, name: str | None = None):
 
 _MAPPED: dict = {}  # path -> (identity, view, SampleTable); see mapped_samples
 _MAPPED_KEPT = 1024  # shards kept mapped per process
+# Decoded samples a process keeps for its next epochs (a training stream reads the same videos every
+# epoch; decoding them again was 13% of a warm epoch at HMDB51's size). ~1.9 KB each (a dict, its
+# metadata, four array views of the map): 16,384 are ~32 MB, every video of HMDB51 or UCF101's splits.
+DECODED_KEPT = 16384
+_decoded_kept = [0]  # how many the kept tables hold now
 
 
 class SampleTable:
@@ -199,6 +204,8 @@ class SampleTable:
             self.spans = np.array(spans, dtype=np.int64 if wide else np.uint32).reshape(len(samples), -1, 2)
 
         self._arrays = {}  # field -> (data offset, dtype, dim) shared by all its members, or None
+        self._kept = {}  # streams -> [decoded sample or None], for decoded(keep=True)
+        self.kept_samples = 0  # of the process's DECODED_KEPT
 
     def __len__(self):
         return len(self.rows) if self.rows is not None else len(self.keys)
@@ -222,17 +229,43 @@ class SampleTable:
                     self._arrays[field] = layouts.pop()
         return self._arrays[field]
 
-    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams, file: tuple):
+    def decoded(self, view: memoryview, skip: int, take: int | None, name: str, streams, file: tuple,
+                keep: bool = False):
         """decode_sample of samples skip..skip+take; when every member of each stream shares one header
         layout (what build-shards writes), arrays are made from the table's spans without reading a
         header per member (later epochs: a third of decode_sample's time), and each sample also holds
-        "__at__": (file, the streams' byte offsets in it), where `file` names the mapped file."""
+        "__at__": (file, the streams' byte offsets in it), where `file` names the mapped file.
+
+        keep=True (on that fast path): samples are kept with the table, within DECODED_KEPT per
+        process, and the same objects are handed out again on later calls: callers must not change them."""
         layouts = [self._array_layout(view, f"{s}.npy") for s in streams]
         if not all(layouts) or "json" not in self.fields:
             for raw in self.samples(view, skip, take):
                 yield decode_sample(raw, name, streams)
             return
-        end = None if take is None else skip + take
+        end = len(self) if take is None else min(len(self), skip + take)
+        if not keep:
+            yield from self._decode_rows(view, skip, end, name, streams, file, layouts)
+            return
+        kept = self._kept.setdefault(tuple(streams), [None] * len(self))
+        i = skip
+        while i < end:
+            if kept[i] is not None:
+                yield kept[i]
+                i += 1
+                continue
+            j = i + 1  # decode the run of samples not kept yet in one go
+            while j < end and kept[j] is None:
+                j += 1
+            for k, sample in enumerate(self._decode_rows(view, i, j, name, streams, file, layouts), i):
+                if _decoded_kept[0] < DECODED_KEPT:
+                    kept[k] = sample
+                    self.kept_samples += 1
+                    _decoded_kept[0] += 1
+                yield sample
+            i = j
+
+    def _decode_rows(self, view: memoryview, skip: int, end: int, name: str, streams, file: tuple, layouts):
         meta = self.fields.index("json")
         columns = [(stream, self.fields.index(f"{stream}.npy"), offset, dtype, dim, dim * dtype.itemsize)
                    for stream, (offset, dtype, dim) in zip(streams, layouts)]
@@ -272,17 +305,25 @@ def _mapped_shard(path: str, name: str) -> tuple:
         view, identity = _map(path, name)
         spans = ((member, (start, length)) for member, start, length in _member_spans(view, name))
         kept = (identity, view, SampleTable(list(group_samples(spans, name))))
-        _MAPPED.pop(path, None)
+        _forget(path)
         if len(_MAPPED) >= _MAPPED_KEPT:
-            del _MAPPED[next(iter(_MAPPED))]  # the oldest
+            _forget(next(iter(_MAPPED)))  # the oldest
         _MAPPED[path] = kept
     return kept[1], kept[2]
 
 
+def _forget(path: str) -> None:
+    """Drop one kept map and table, and give its kept samples' room back."""
+    kept = _MAPPED.pop(path, None)
+    if kept is not None:
+        _decoded_kept[0] -= kept[2].kept_samples
+
+
 def forget_mapped_shards() -> None:
-    """Drop the kept maps and tables: the next read maps and parses again, and pages no map holds can
-    leave the page cache (a benchmark calls this before timing a cold read)."""
-    _MAPPED.clear()
+    """Drop the kept maps, tables and decoded samples: the next read maps and parses again, and pages
+    no map holds can leave the page cache (a benchmark calls this before timing a cold read)."""
+    for path in list(_MAPPED):
+        _forget(path)
 
 
 def mapped_bytes(file: tuple) -> np.ndarray:
@@ -399,15 +440,19 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans=None, fields=tuple(STREAMS)):
-    """decode_sample of iter_raw_samples(url, skip, take, spans); local shards take their table's fast path."""
+def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans=None, fields=tuple(STREAMS),
+                         keep: bool = False):
+    """decode_sample of iter_raw_samples(url, skip, take, spans); local shards take their table's fast path.
+
+    keep=True (a reader that comes back every epoch): a local shard's decoded samples are kept and
+    handed out again as the same objects (SampleTable.decoded), so the caller must not change them."""
     if remote.is_url(url):
         for raw in remote_samples(url, skip, take, spans):
             yield decode_sample(raw, url, fields)
     else:
         path = _local_path(url)
         view, table = _mapped_shard(path, url)
-        yield from table.decoded(view, skip, take, url, fields, (path, _MAPPED[path][0]))
+        yield from table.decoded(view, skip, take, url, fields, (path, _MAPPED[path][0]), keep)
 
 
 def iter_tar_samples(url: str, fields=tuple(STREAMS)):
