@@ -233,10 +233,11 @@ class ShardStream(IterableDataset):
         gens = [stream_microbatches(self.plan, epoch, self.seed, v, self.fields, self.buffer, self.bucket)
                 for v in mine]
         spans = info is not None and self.handoff == "spans"
-        # spans: one DataLoader item per worker and SPAN_STEPS steps, the same steps from every worker, so
-        # the DataLoader's round-robin still completes the steps in order; one step per item where videos
-        # may go through the rings (sized for one step an item)
-        per_item = SPAN_STEPS if not self.arenas else 1
+        # a worker sends one DataLoader item per step (an item costs the trainer ~0.4 ms), or per
+        # SPAN_STEPS steps when it sends only places; the same steps from every worker, so the
+        # DataLoader's round-robin still completes the steps in order. Where micro-batches go through
+        # the rings, one step an item: the rings are sized for that (StepLoader._setup_arenas)
+        per_item = SPAN_STEPS if spans and not self.arenas else 1
         bundle = []
         for step in range(self.plan.steps_per_epoch):
             for v, gen in zip(mine, gens):
@@ -246,8 +247,10 @@ class ShardStream(IterableDataset):
                 if spans:  # placed, or copied if it cannot be (see as_spans)
                     bundle.append(as_spans(samples, collate(samples, self.fields, v, step, concat=False), self.fields)
                                   or collate(samples, self.fields, v, step, arena=arena))
-                else:  # in a worker, the micro-batch is copied for the hand-off
-                    yield collate(samples, self.fields, v, step, concat=info is not None, arena=arena)
+                elif info is not None:  # copied into the worker's ring for the hand-off
+                    bundle.append(collate(samples, self.fields, v, step, arena=arena))
+                else:  # in-process: the samples' own arrays, joined once by the step assembly
+                    yield collate(samples, self.fields, v, step, concat=False)
             if bundle and ((step + 1 - start_step) % per_item == 0 or step + 1 == self.plan.steps_per_epoch):
                 yield {"bundle": bundle}
                 bundle = []
@@ -317,7 +320,7 @@ class StepLoader:
     maps and its arena again each epoch (measured: most of an epoch's time at HMDB51's size).
     0: the training process reads each step when it needs it, with no hand-off between processes."""
 
-    PREFETCH = 4  # micro-batches each worker may have ready ahead
+    PREFETCH = 2  # DataLoader items each worker may have ready ahead (an item: one step or more)
 
     def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: bool = False,
                  arena_bytes: int | None = None, handoff: str | None = None):
@@ -339,8 +342,9 @@ class StepLoader:
         self.finished = True  # the last epoch ran to its end (else its workers hold undelivered blocks)
 
     def _setup_arenas(self) -> None:
-        """Room per worker for what it may have ready, plus two steps' worth held by the trainer
-        (one being assembled, one being copied to the GPU), twice over for uneven lengths."""
+        """Room per worker for the steps it may have ready (PREFETCH items of one step), plus two steps'
+        worth held by the trainer (one being assembled, one being copied to the GPU), twice over for
+        uneven lengths."""
         ds, plan, size = self.dataset, self.dataset.plan, self.arena_bytes
         if ds.handoff == "spans" and not any(remote.is_url(s.url) for s in plan.shards):
             size = 0  # every micro-batch goes as spans: no ring to fill
@@ -349,7 +353,7 @@ class StepLoader:
             known = [s for s in plan.shards if s.bytes]
             per_sample = (sum(s.bytes for s in known) / max(1, sum(s.samples for s in known))) if known else 1 << 20
             micro_batch = plan.micro_batch * per_sample * len(ds.fields) / 4  # a shard sample holds 4 streams
-            size = int(min(2 << 30, max(64 << 20, 2 * micro_batch * (self.PREFETCH + 2 * per_step))))
+            size = int(min(2 << 30, max(64 << 20, 2 * micro_batch * per_step * (self.PREFETCH + 2))))
             # shared memory lives in /dev/shm, often small in containers; a write past it is a SIGBUS
             size = min(size, shm_free() // (4 * self.num_workers))
             size = size if size >= 1 << 20 else 0
