@@ -181,7 +181,7 @@ _MAPPED_KEPT = 1024  # shards kept mapped per process
 # epoch; decoding them again was 13% of a warm epoch at HMDB51's size). ~1.9 KB each (a dict, its
 # metadata, four array views of the map): 16,384 are ~32 MB, every video of HMDB51 or UCF101's splits.
 DECODED_KEPT = 16384
-_decoded_kept = [0]  # how many the kept tables hold now
+_decoded_kept = 0  # how many the kept tables hold now
 
 
 class SampleTable:
@@ -247,6 +247,7 @@ class SampleTable:
         if not keep:
             yield from self._decode_rows(view, skip, end, name, streams, file, layouts)
             return
+        global _decoded_kept
         kept = self._kept.setdefault(tuple(streams), [None] * len(self))
         i = skip
         while i < end:
@@ -258,10 +259,10 @@ class SampleTable:
             while j < end and kept[j] is None:
                 j += 1
             for k, sample in enumerate(self._decode_rows(view, i, j, name, streams, file, layouts), i):
-                if _decoded_kept[0] < DECODED_KEPT:
+                if _decoded_kept < DECODED_KEPT:
                     kept[k] = sample
                     self.kept_samples += 1
-                    _decoded_kept[0] += 1
+                    _decoded_kept += 1
                 yield sample
             i = j
 
@@ -314,9 +315,10 @@ def _mapped_shard(path: str, name: str) -> tuple:
 
 def _forget(path: str) -> None:
     """Drop one kept map and table, and give its kept samples' room back."""
+    global _decoded_kept
     kept = _MAPPED.pop(path, None)
     if kept is not None:
-        _decoded_kept[0] -= kept[2].kept_samples
+        _decoded_kept -= kept[2].kept_samples
 
 
 def forget_mapped_shards() -> None:

@@ -146,22 +146,22 @@ def test_kept_samples_are_decoded_once_within_the_budget_and_equal_a_fresh_decod
         {f: [rng.standard_normal((units, 8)).astype(np.float32) for units in (1, 4, 2, 7, 3)] for f in fields}))
 
     first = list(tario.iter_decoded_samples(path, 1, 3, fields=fields, keep=True))
-    assert [s["__key__"] for s in first] == ["k001", "k002", "k003"] and tario._decoded_kept[0] == 3
+    assert [s["__key__"] for s in first] == ["k001", "k002", "k003"] and tario._decoded_kept == 3
     again = list(tario.iter_decoded_samples(path, fields=fields, keep=True))
     fresh = list(tario.iter_decoded_samples(path, fields=fields))
     assert as_compared(again) == as_compared(fresh) and len(again) == 5
     assert [a is b for a, b in zip(again, [None, *first, None])] == [False, True, True, True, False]
     assert all(a is not b for a, b in zip(fresh, again))  # keep=False never hands out kept samples
-    assert tario._decoded_kept[0] == 3  # the budget was full: k000 and k004 were not kept
+    assert tario._decoded_kept == 3  # the budget was full: k000 and k004 were not kept
 
     other = {f: [np.full((units, 8), 9.0, np.float32) for units in (2, 2, 5)] for f in fields}
     write_tar(path, tarfile.USTAR_FORMAT, sample_members(other))  # rewritten: another size
     rewritten = list(tario.iter_decoded_samples(path, fields=fields, keep=True))
     assert [s["lr_rgb"].shape[0] for s in rewritten] == [2, 2, 5] and all((s["hr_rgb"] == 9).all() for s in rewritten)
-    assert tario._decoded_kept[0] == 3  # the old table's three given back, the new one's kept
+    assert tario._decoded_kept == 3  # the old table's three given back, the new one's kept
     assert all(a is b for a, b in zip(rewritten, tario.iter_decoded_samples(path, fields=fields, keep=True)))
     forget_mapped_shards()
-    assert tario._decoded_kept[0] == 0
+    assert tario._decoded_kept == 0
 
 
 @pytest.mark.parametrize("text", [b'{"label": 3, "video": "v\\u00e9"}', b' {"label": 3}\n', b"[1, 2]", b"7",
