@@ -32,8 +32,9 @@ class DirectFile:
     when it was inline).
     A failed write is raised by the next `write` or by `close`."""
 
-    def __init__(self, path: str, direct: bool = True):
+    def __init__(self, path: str, direct: bool = True, name: str | None = None):
         self.sha256, self.nbytes = hashlib.sha256(), 0
+        self.name = name or path  # what errors name: the file the caller publishes, not its temporary name
         self.direct = bool(direct and O_DIRECT)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -76,7 +77,7 @@ class DirectFile:
                 done += os.write(self.fd, view[done:n])
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
-                    raise
+                    raise OSError(e.errno, e.strerror, self.name) from None  # a full disk names the file
                 self._direct_off()  # accepted at open, refused at write (some FUSE and network filesystems)
 
     def _direct_off(self) -> None:
@@ -117,7 +118,7 @@ def write_file_atomic(path: str, data, direct: bool = True) -> dict:
     """Write `data` (a bytes-like, or a list of them written one after the other) to `path` under a
     temporary name, then rename; returns its bytes and sha256."""
     tmp = temp_path(path)
-    f = DirectFile(tmp, direct)
+    f = DirectFile(tmp, direct, name=path)
     try:
         for part in data if isinstance(data, list) else [data]:
             f.write(part)

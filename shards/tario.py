@@ -61,7 +61,7 @@ class TarShardWriter:
 
     def __init__(self, path: str, direct: bool = True):
         self.path, self.tmp = path, temp_path(path)
-        self._file = DirectFile(self.tmp, direct)  # hashes and counts what it writes
+        self._file = DirectFile(self.tmp, direct, name=path)  # hashes and counts what it writes
         self.n_samples, self.info = 0, None
 
     def _member(self, name: str, parts: list) -> None:

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 
+from .atomic import is_temp
 from .errors import BadVideoError, ELRError
 from .manifest import encode_table, file_sha256, iter_phases, load_manifest, unlisted_files
 from .parallel import dask_client, run_tasks
@@ -136,7 +137,8 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
     dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
     source = os.path.abspath(source) if source else None
     calls, total = [], 0
-    problems = [f"{rel}: not in the manifest" for rel in unlisted_files(shards_dir, manifest)]
+    problems = [f"{rel}: " + ("a temporary file of a writer killed mid-write" if is_temp(rel) else "not in the manifest")
+                for rel in unlisted_files(shards_dir, manifest)]
     for split, phase, entry in iter_phases(manifest):
         problems += _check_table_positions(entry, f"{split}/{phase}")
         by_shard = {}

@@ -20,6 +20,15 @@ def create_phase_store(path: str, dim: int, dtype: str, offsets, labels, keys, c
 
     names: {"split", "phase", "classes": [per sample], "videos": [per sample]}, so that a reader
     yields the same metadata as the tar copy (shards.schema)."""
+    try:
+        _create_phase_store(path, dim, dtype, offsets, labels, keys, chunk_units, shard_units, names)
+    except OSError as e:  # zarr's store writes name no file (a full disk says only "[Errno 28]")
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+
+
+def _create_phase_store(path, dim, dtype, offsets, labels, keys, chunk_units, shard_units, names):
     n_units = int(offsets[-1])
     group = zarr.open_group(path, mode="w", zarr_format=3)
     for stream in STREAMS:

@@ -213,9 +213,12 @@ def test_verify_reports_every_file_the_manifest_does_not_list(built, dask_client
     (built / "Split1" / "Test" / "Test-000001.tar.partial-99").write_bytes(b"")
     (built / "Split1" / "Train.zarr" / "lr_rgb" / "c" / "0" / "0.partial-1-abc").write_bytes(b"x")
     (built / "notes.txt").write_text("hello")
+    (built / "Split1" / "Test" / "Test-000002.tar.partial-4242-0a1b2c").write_bytes(b"half")  # as atomic writes name them
     report = verify_shards(str(built), client=dask_client, progress=False)
     assert not report["ok"]
     assert sorted(report["problems"]) == ["Split1/Test/Test-000001.tar.partial-99: not in the manifest",
+                                          "Split1/Test/Test-000002.tar.partial-4242-0a1b2c: a temporary file of a writer "
+                                          "killed mid-write",
                                           "Split1/Train.zarr/lr_rgb/c/0/0.partial-1-abc: not in the manifest",
                                           "notes.txt: not in the manifest"]
 
