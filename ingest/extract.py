@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shards.atomic import atomic_write, remove_quietly, write_json_atomic
+from shards.atomic import atomic_write, remove_dead_temps, remove_quietly, write_json_atomic
 from shards.errors import BadVideoError, ELRError, OutputExistsError
+from shards.lock import hold_output
 from shards.manifest import file_sha256
 from shards.parallel import dask_client, drain_workers
 from shards.schema import STREAMS
@@ -278,7 +279,14 @@ def ordered_results(client, jobs, cfg, device, window: int, shares_cores: bool):
 
 def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, client=None) -> dict:
     """Write `out/Split<K>/...` and `out/features.json`; returns this split's features.json record."""
+    with hold_output(out, "extract-features"):
+        remove_dead_temps(out)  # we hold the lock: whoever left them is dead
+        return _extract(videos, splits, out, cfg, client)
+
+
+def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
     import torch
+
     from tqdm import tqdm
 
     from elr.model import resolve_device
@@ -287,7 +295,10 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
 
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
-    jobs, problems, unused = plan_videos(videos, splits, cfg.split, cfg.validation)
+    plan = plan_videos(videos, splits, cfg.split, cfg.validation)
+    jobs, problems = plan.jobs, plan.problems
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if problems and cfg.on_error == "fail":
         path, message = problems[0]
         more = f" (and {len(problems) - 1} more; --on-error skip lists them in features.json)" if len(problems) > 1 else ""
@@ -376,7 +387,8 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
         "phases": {p: n for p in PHASE_OF_LABEL.values() if (n := sum(j.phase == p for j in written))},
         "videos": {e["id"]: {k: v for k, v in e.items() if k != "id"} for e in entries if "skipped" not in e},
         "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in problems}},
-        "unused": unused,
+        "unused": plan.unused,
+        "warnings": plan.warnings,
         "last_run": timing,  # this invocation (a resumed run: its part only)
     }
     if record["random_c3d"] is None:

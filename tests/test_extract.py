@@ -206,3 +206,42 @@ def test_refuses_a_folder_holding_another_tree(bad_tree, demo_tree, dask_client)
     extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(on_error="skip", overwrite=True, **FAST),
                      client=dask_client)
     assert sorted(os.listdir(f"{out}/Split1/Test_lr_features")) == ["broken", "fine"]
+
+
+def test_split_file_names_with_spaces_other_encodings_and_two_classes(bad_tree, tmp_path, dask_client):
+    """The label is the last field; a name that is not UTF-8 is refused (or skipped) with how to rename it,
+    and never reaches features.json as lone surrogates; one video in two classes is extracted with a warning."""
+    root, _ = bad_tree
+    videos, splits = tmp_path / "videos", tmp_path / "splits"
+    os.makedirs(videos / "fine")
+    os.makedirs(videos / "other")
+    os.makedirs(splits)
+    good = f"{root}/videos/fine/fine_0.avi"
+    latin1 = os.fsdecode(b"caf\xe9.avi")  # what a Latin-1 name looks like on a UTF-8 system
+    for path in (videos / "fine" / "my video (1).avi", videos / "fine" / latin1, videos / "other" / "fine_0.avi"):
+        shutil.copy(good, path)
+    with open(splits / "fine_test_split1.txt", "wb") as f:
+        f.write(b"my video (1).avi 1 \ncaf\xe9.avi 2\n")
+    (splits / "other_test_split1.txt").write_text("fine_0.avi 2\n")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as e:
+        extract_features(str(videos), str(splits), str(out), ExtractConfig(**FAST), client=dask_client)
+    assert str(e.value) == (f"{videos}/fine/caf\\xe9.avi: the name is not UTF-8, which the feature tree and its JSON "
+                            f"files need; rename the file and its line in {splits}/fine_test_split1.txt (e.g. convmv -f "
+                            "latin1 -t utf-8 --notest)")
+    shutil.copy(good, videos / "fine" / "fine_0.avi")
+    with open(splits / "fine_test_split1.txt", "ab") as f:
+        f.write(b"fine_0.avi 1\n")
+    result = subprocess.run([os.path.join(BIN, "elr-ingest"), "extract-features", str(videos), "--splits", str(splits),
+                             "--out", str(out), "--random-c3d", "0", "--crop-size", "16", "--on-error", "skip", "-q",
+                             "--scheduler", dask_client.scheduler.address], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "fine_0.avi is a video of 2 classes (fine, other): a copy in the wrong folder? Both are extracted"
+    assert f"warning: {warning}\n" in result.stderr
+    with open(out / "features.json", encoding="utf-8") as f:  # strict UTF-8: no lone surrogates
+        doc = json.load(f)["splits"]["Split1"]
+    assert doc["warnings"] == [warning]
+    assert sorted(doc["videos"]) == ["fine/fine_0", "fine/my video (1)", "other/fine_0"]
+    assert list(doc["skipped"]) == ["fine/caf\\xe9.avi"]
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate anywhere
+    assert os.path.getsize(out / "Split1" / "Train_hr_features" / "fine" / "my video (1).npy") > 0
