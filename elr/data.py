@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from elr.arena import Arena
 from shards import remote
-from shards.errors import ManifestError
+from shards.errors import ELRError, ManifestError
 from shards.manifest import join_path, parse_rows
 from shards.schema import LR
 from shards.tario import iter_decoded_samples, mapped_bytes
@@ -373,12 +373,15 @@ class StepLoader:
             self._start_workers()
         per_step, steps, step = len(self.dataset.streams), {}, self.dataset.start_step
         self.finished = False
-        for item in self.loader:
-            for mb in item["bundle"] if "bundle" in item else (item,):
-                steps.setdefault(mb["step"], []).append(self._received(mb))
-            while len(steps.get(step, ())) == per_step:  # the steps this item completed, in order
-                yield sorted(steps.pop(step), key=lambda b: b["stream"])
-                step += 1
+        try:
+            for item in self.loader:
+                for mb in item["bundle"] if "bundle" in item else (item,):
+                    steps.setdefault(mb["step"], []).append(self._received(mb))
+                while len(steps.get(step, ())) == per_step:  # the steps this item completed, in order
+                    yield sorted(steps.pop(step), key=lambda b: b["stream"])
+                    step += 1
+        except ELRError as e:
+            raise worker_error(e) from None
         self.finished = True
 
     def _received(self, mb: dict) -> dict:
@@ -393,6 +396,17 @@ class StepLoader:
         elif "spans" in mb:
             from_spans(mb)
         return mb
+
+
+def worker_error(e: ELRError) -> ELRError:
+    """A domain error as its worker raised it: the DataLoader re-raises it with the worker's whole
+    traceback as its message, and a user's mistake is one line."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = text.rstrip().splitlines()[-1]  # "shards.errors.RemoteError: <the message>"
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return type(e)(last[len(prefix):] if last.startswith(prefix) else last)
 
 
 def shm_free() -> int:

@@ -18,7 +18,8 @@ import numpy as np
 
 from . import __version__
 from .errors import BadVideoError, OutputExistsError, SourceLayoutError
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import remove_dead_temps, write_json_atomic, write_text_atomic
+from .lock import hold_output
 from .manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest, store_manifest,
                        unlisted_files)
 from .parallel import run_here, run_tasks, start_workers
@@ -83,6 +84,11 @@ def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
     """
     root = os.path.abspath(data_root)  # abspath keeps a symlinked data root as the user named it
     out = os.path.abspath(cfg.out) if cfg.out else default_out(root)
+    with hold_output(out, "build-shards"):  # one writer for <out> and <out>.building, to the rename
+        return _build(root, out, cfg, client)
+
+
+def _build(root: str, out: str, cfg: BuildConfig, client) -> dict:
     staging = out + ".building"
     if _prepare_output(out, staging, cfg):
         return load_manifest(out)
@@ -113,6 +119,7 @@ def _prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
         raise OutputExistsError(f"{out}: exists and is not a shard set (no {MANIFEST_NAME}); choose another --out")
     if os.path.isdir(staging):
         if cfg.resume:
+            remove_dead_temps(staging)  # we hold the lock: their writers are dead
             return False
         if not cfg.overwrite:
             raise OutputExistsError(

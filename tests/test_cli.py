@@ -96,7 +96,7 @@ def test_file_system_errors_are_one_line_naming_the_path(demo_master, tmp_path, 
     out = tmp_path / "a-file" / "shards"
     result = run("build-shards", demo_master, "--out", out, "--scheduler", dask_client.scheduler.address, "-q")
     assert result.exit_code == 1
-    assert result.output == f"Error: {out}.building: Not a directory\n"
+    assert result.output == f"Error: {out}.lock: Not a directory\n"  # the first file it writes: its lock
 
 
 def test_verify_resolves_a_relative_path_before_sending_it_to_workers(built, dask_client, monkeypatch):

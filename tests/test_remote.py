@@ -125,11 +125,11 @@ def train_cmd(shards, out, epochs=3):
             "--hidden", "8", "--batch-size", "8", "--data-streams", "2", "--loader-workers", "0", "-q"]
 
 
-def run_killing_server(shards, out, env, restart_after=None):
+def run_killing_server(shards, out, env, restart_after=None, extra=()):
     """elr-train over HTTP; the server dies right after it served the first tar shard, and comes back
     after `restart_after` seconds (never, if None). Returns the exit code, stderr, time and URL."""
     server = HttpServer(shards).start()
-    cmd = train_cmd(server.url, out)
+    cmd = train_cmd(server.url, out) + list(extra)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **env, "OMP_NUM_THREADS": "1"})
@@ -148,9 +148,12 @@ def run_killing_server(shards, out, env, restart_after=None):
     return proc.returncode, stderr, time.time() - t0, server.url
 
 
-def test_server_dying_mid_run_is_one_error_naming_the_url(shards, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--nproc", "2"), ("--loader-workers", "2")], ids=["1", "nproc2", "workers2"])
+def test_server_dying_mid_run_is_one_error_naming_the_url(shards, tmp_path, extra):
+    """Once per process tree: two ranks (each failing on its own shard) or a loader worker (whose error
+    the DataLoader re-raises with the worker's traceback) still print one line."""
     code, stderr, seconds, url = run_killing_server(shards, tmp_path / "run", {"ELR_REMOTE_RETRIES": "2",
-                                                                              "ELR_REMOTE_BACKOFF": "0.1"})
+                                                                              "ELR_REMOTE_BACKOFF": "0.1"}, extra=extra)
     lines = [line for line in stderr.splitlines() if not line.startswith("config {")]
     assert code == 1 and "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
     # the file it was reading: a shard, or the rows of the sample table that say where a shard's samples lie

@@ -12,7 +12,9 @@ and Validation (every video as an LR and an HR sequence through the same weights
 """
 
 import argparse
+import functools
 import json
+import logging
 import math
 import os
 import socket
@@ -37,6 +39,7 @@ try:
     from shards import remote
     from shards.cli import error_text
     from shards.errors import ELRError, ShardCorruptError
+    from shards.lock import OutputFolder
     from shards.manifest import load_manifest, manifest_digest
     from shards.memory import keep_freed_memory, long_lived_frozen
     from shards.schema import LR
@@ -182,10 +185,6 @@ def preflight(cfg: TrainConfig) -> dict:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ELRError(f"--out {cfg.out}: is a file, not a folder")
     manifest = load_manifest(cfg.shards, samples=False)  # a rank reads no sample table (shards.manifest)
-    try:  # now, not at the first checkpoint an epoch later (an empty folder is removed if the run fails)
-        os.makedirs(cfg.out, exist_ok=True)
-    except OSError as e:
-        raise ELRError(f"--out {cfg.out}: cannot create the run folder ({e.strerror})") from None
     if cfg.split not in manifest["splits"]:
         raise ELRError(f"--split {cfg.split}: not in the shard set {cfg.shards} (it has {', '.join(manifest['splits'])})")
     phases = manifest["splits"][cfg.split]
@@ -200,6 +199,16 @@ def preflight(cfg: TrainConfig) -> dict:
                 raise ShardCorruptError(f"{shard.url}: {os.path.getsize(shard.url)} bytes, the manifest says "
                                         f"{shard.bytes} (truncated or replaced; run elr-ingest verify)")
     return manifest
+
+
+def claim_run_folder(cfg: TrainConfig) -> OutputFolder:
+    """--out for this run alone (shards.lock), created now rather than at the first checkpoint an epoch
+    later; a failed run removes it again unless it holds a checkpoint to resume from."""
+    folder = OutputFolder(cfg.out, "elr-train", keep=("last.pt",))
+    try:
+        return folder.claim()
+    except OSError as e:
+        raise ELRError(f"--out {cfg.out}: cannot create the run folder ({e.strerror})") from None
 
 
 def train_phases(manifest: dict, cfg: TrainConfig) -> list:
@@ -383,12 +392,33 @@ class Trainer:
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict:
-    """One process's part of a run (rank and world size from the environment); returns the last epoch's record."""
+def train(cfg: TrainConfig, folder_held: bool = False) -> dict:
+    """One process's part of a run (rank and world size from the environment); returns the last epoch's record.
+
+    Rank 0 holds --out for the run, unless its launcher does (`folder_held`)."""
     manifest = preflight(cfg)
     setup = setup_process(cfg)
     digest = manifest_digest(manifest)
-    action, message = agree(setup, lambda: resume_decision(cfg, digest, setup.restart))
+    folder = []
+
+    def decide():
+        if setup.master and not folder_held:
+            folder.append(claim_run_folder(cfg))
+        return resume_decision(cfg, digest, setup.restart)
+
+    try:
+        action, message = agree(setup, decide)
+        record = run_training(cfg, setup, manifest, action, message)
+    except BaseException:
+        if folder:
+            folder[0].close(failed=True)
+        raise
+    if folder:
+        folder[0].close(failed=False)
+    return record
+
+
+def run_training(cfg: TrainConfig, setup: Setup, manifest: dict, action: str, message: str | None) -> dict:
     if message and setup.master:
         log(message)
 
@@ -471,31 +501,52 @@ def fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+def first_to_fail() -> bool:
+    """Whether this worker is the first of its launch on this machine to report an error (torchrun and
+    --nproc give the workers of one attempt a common log folder): ranks that fail together, each
+    on its own shard of a dead server, say, print one line between them."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return True  # not under a launcher
+    try:
+        os.close(os.open(os.path.join(os.path.dirname(os.path.dirname(error_file)), "elr-error-reported"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+
+
 def run_reporting_errors(cfg: TrainConfig, fn):
     """fn(cfg), with a user's mistake (bad input, a full disk, an unreachable URL) as one `Error:` line and
-    exit status 1; a folder this run created and left empty is removed."""
-    created = not os.path.exists(cfg.out)
+    exit status 1, printed once per launch on each machine."""
     try:
         return fn(cfg)
     except (ELRError, ValueError, OSError) as e:
         message = error_text(e)
-    except dist.DistError:  # a collective broke: another rank failed (and printed why)
+    except dist.DistError:  # a collective broke: another rank failed, and says why
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            sys.exit(1)
         message = f"rank {os.environ.get('RANK', 0)}: stopped because another process of the run failed"
     except KeyboardInterrupt:
         message = "interrupted"
-    if created and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
-        os.rmdir(cfg.out)
+    if not first_to_fail():
+        sys.exit(1)
     fail(message)
 
 
 def _worker(config: dict):
-    return run_reporting_errors(TrainConfig(**config), train)
+    return run_reporting_errors(TrainConfig(**config), functools.partial(train, folder_held=True))
 
 
 def launch_local(cfg: TrainConfig):
     """Start cfg.nproc workers on this machine with torch's elastic launcher (what torchrun uses)."""
-    import logging
+    with claim_run_folder(cfg):  # held here for every worker and restart round
+        return _launch(cfg)
 
+
+def _launch(cfg: TrainConfig):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

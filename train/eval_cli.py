@@ -6,7 +6,7 @@ import os
 import click
 
 from shards.cli import call, run_command_line
-from train.evaluate import job_index_from_env, merge, run_job, run_on_dask
+from train.evaluate import job_index_from_env, merge, run_and_merge, run_job, run_on_dask
 from train.report import format_table
 
 
@@ -76,10 +76,11 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
         if num_jobs > 1:
             raise click.UsageError("--job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)")
         job_index = 0
+    if num_jobs == 1:
+        click.echo(format_table(call(run_and_merge, out, job_index=job_index, **args), out))
+        return
     path = call(run_job, num_jobs=num_jobs, job_index=job_index, out=out, **args)
     click.echo(f"wrote {path}", err=True)
-    if num_jobs == 1:
-        click.echo(format_table(call(merge, out, shards), out))
 
 
 @cli.command("merge")

@@ -8,14 +8,16 @@ import functools
 import glob
 import json
 import os
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from elr.data import batches, phase_samples
 from elr.model import autocast, load_weights, model_inputs, resolve_device
-from shards.atomic import atomic_write
+from shards.atomic import atomic_write, remove_dead_temps, temp_files
 from shards.errors import ELRError
+from shards.lock import FileLock, OutputBusyError, hold_output, is_held, lock_path, read_holder
 from shards.manifest import file_sha256, load_manifest, manifest_digest
 from shards.memory import keep_freed_memory
 from shards.schema import LR
@@ -37,8 +39,21 @@ def job_index_from_env() -> int | None:
     return None
 
 
+@contextmanager
+def job_locks(out: str, part: str, hold_folder: bool):
+    """A job shares the folder with the other jobs (a merge takes it alone) and holds its part alone.
+    hold_folder=False: the caller holds the whole folder (one job that merges, or dask's client)."""
+    with ExitStack() as held:
+        if hold_folder:
+            held.enter_context(FileLock(lock_path(out), "elr-eval run", subject=out.rstrip(os.sep), shared=True))
+        held.enter_context(FileLock(part + ".lock", "elr-eval run", subject=part))
+        remove_dead_temps(out, prefix=os.path.basename(part))  # this part's: their writer is dead
+        yield
+
+
 def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: str, device: str = "auto",
-            amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64) -> str:
+            amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64,
+            hold_folder: bool = True) -> str:
     """Score job `job_index` of `num_jobs` and write its part; returns the part's path."""
     keep_freed_memory()
     if not 0 <= job_index < num_jobs:
@@ -53,7 +68,15 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
     if model.classifier.out_features != len(manifest["classes"]) or model.rnn1.input_size != manifest["dim"]:
         raise EvalError(f"{checkpoint}: model has {model.classifier.out_features} classes and input dim "
                         f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
-    model = model.to(dev).eval()
+    path = part_path(out, job_index, num_jobs)
+    with job_locks(out, path, hold_folder):  # after the checks: a mistake leaves no folder behind
+        _score_job(manifest, model.to(dev).eval(), dev, shards, checkpoint, num_jobs, job_index, path, amp, fmt,
+                   split, phase, batch)
+    return path
+
+
+def _score_job(manifest, model, dev, shards, checkpoint, num_jobs, job_index, path, amp, fmt, split, phase,
+               batch) -> None:
     ctx = autocast(dev.type, amp)
     keys, labels, logits = [], [], []
     with torch.no_grad():
@@ -72,10 +95,8 @@ def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: st
               "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
               "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
               "stamp": np.array(json.dumps(stamp, sort_keys=True))}
-    path = part_path(out, job_index, num_jobs)
     with atomic_write(path) as f:
         np.savez(f, **arrays)
-    return path
 
 
 def read_part(path: str) -> dict:
@@ -137,18 +158,53 @@ def collect_parts(folder: str, shards: str | None = None) -> tuple:
     return ref, keys[order], labels[order], logits[order], manifest
 
 
-def merge(folder: str, shards: str | None = None) -> dict:
-    """Check the parts in `folder` against the manifest and write the reports; returns the scores."""
+def merge(folder: str, shards: str | None = None, hold_folder: bool = True) -> dict:
+    """Check the parts in `folder` against the manifest and write the reports; returns the scores.
+    hold_folder=False: the caller holds the folder's lock."""
     from train.report import write_reports
 
-    stamp, keys, labels, logits, manifest = collect_parts(folder, shards)
-    return write_reports(folder, stamp, keys, labels, logits, manifest["classes"])
+    with hold_eval_folder(folder, "elr-eval merge") if hold_folder else nullcontext():
+        stray = temp_files(folder)
+        if stray:
+            raise EvalError(f"{stray[0]}: a temporary file of a job killed while writing"
+                            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
+                            + "; re-run that job (it removes it) or delete it")
+        stamp, keys, labels, logits, manifest = collect_parts(folder, shards)
+        return write_reports(folder, stamp, keys, labels, logits, manifest["classes"])
+
+
+@contextmanager
+def hold_eval_folder(folder: str, command: str):
+    """The folder alone (no job writing a part); refused with the running jobs named."""
+    try:
+        with hold_output(folder, command):
+            yield
+    except OutputBusyError:
+        running = []
+        for lock in sorted(glob.glob(os.path.join(folder, "part-*.npz.lock"))):
+            holder = read_holder(lock) if is_held(lock) else None
+            if holder:
+                running.append(f"{os.path.basename(lock)[:-5]} (pid {holder['pid']} on {holder['host']}, "
+                               f"since {holder['started']})")
+        if not running:
+            raise
+        raise EvalError(f"{folder}: elr-eval run jobs are still writing parts: {', '.join(running)}; "
+                        "wait for them to finish") from None
 
 
 def run_on_dask(client, num_jobs: int, out: str, **job_args) -> dict:
     """All jobs as dask tasks, then the merge."""
     from shards.parallel import run_tasks
 
-    calls = [(functools.partial(run_job, num_jobs=num_jobs, job_index=i, out=out, **job_args),) for i in range(num_jobs)]
-    run_tasks(client, calls, "eval jobs", num_jobs, progress=False, unit="job")
-    return merge(out, job_args["shards"])
+    with hold_eval_folder(out, "elr-eval run"):
+        calls = [(functools.partial(run_job, num_jobs=num_jobs, job_index=i, out=out, hold_folder=False, **job_args),)
+                 for i in range(num_jobs)]
+        run_tasks(client, calls, "eval jobs", num_jobs, progress=False, unit="job")
+        return merge(out, job_args["shards"], hold_folder=False)
+
+
+def run_and_merge(out: str, job_index: int = 0, **job_args) -> dict:
+    """One job over the whole phase, then the merge, holding the folder throughout."""
+    with hold_eval_folder(out, "elr-eval run"):
+        run_job(num_jobs=1, job_index=job_index, out=out, hold_folder=False, **job_args)
+        return merge(out, job_args["shards"], hold_folder=False)
