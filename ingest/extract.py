@@ -22,6 +22,7 @@ from shards.errors import BadVideoError, ELRError, OutputExistsError
 from shards.lock import hold_output
 from shards.manifest import file_sha256
 from shards.parallel import dask_client, drain_workers
+from shards.progress import Progress
 from shards.schema import STREAMS
 
 from .c3d import INPUT_SIDE, load_c3d, random_c3d
@@ -287,8 +288,6 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
 def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
     import torch
 
-    from tqdm import tqdm
-
     from elr.model import resolve_device
 
     from .batching import FeatureBatcher
@@ -331,7 +330,7 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
     batcher = FeatureBatcher(networks, device, batch_size, dtype)
     units_done, waited, first_at = 0, 0.0, None  # waited: C3D idle for want of a prepared video, after the first
     with dask_client(cfg.workers, cfg.scheduler, client) as c, \
-            tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {split}", unit="video",
+            Progress(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {split}", unit="video",
                  disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
         window = 2 * max(1, len(c.scheduler_info()["workers"])) + 2
 

@@ -6,7 +6,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from tqdm import tqdm
+from .progress import Progress
 
 from .memory import keep_freed_memory
 
@@ -107,7 +107,7 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
     index = {f.key: i for i, f in enumerate(futures)}
     results = [None] * len(futures)
     done_bytes = 0
-    with tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
+    with Progress(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
         try:
             for future in as_completed(futures):
                 result = future.result()  # re-raises the worker's exception
@@ -125,7 +125,7 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
 def run_here(calls, desc: str, total: int, progress: bool = True, count=lambda r: 1, unit: str = "video"):
     """run_tasks in this process, one call after another, with the same progress bar."""
     results = []
-    with tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
+    with Progress(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
         for fn, *args in calls:
             results.append(fn(*args))
             bar.update(count(results[-1]))

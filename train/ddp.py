@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 try:
     from elr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -42,6 +41,7 @@ try:
     from shards.lock import OutputFolder
     from shards.manifest import load_manifest, manifest_digest
     from shards.memory import keep_freed_memory, long_lived_frozen
+    from shards.progress import Progress
     from shards.schema import LR
 except ModuleNotFoundError as e:  # run from a checkout that was never installed
     sys.exit(f"Error: cannot import {e.name!r}: install the project first (bash scripts/setup.sh, or pip install -e .)")
@@ -316,7 +316,7 @@ class Trainer:
         if self.steps is None:
             self.steps = StepLoader(self.dataset, self.loader_workers, pin_memory=setup.device.type == "cuda")
         steps = self.steps
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+        bar = Progress(total=len(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                    disable=cfg.quiet or not setup.master)
         ctx = autocast(setup.device.type, cfg.amp)
         # loss x sequences, real units, padded units since the last fold; on the device: no sync per step
