@@ -176,20 +176,24 @@ def merge(folder: str, shards: str | None = None, hold_folder: bool = True) -> d
 @contextmanager
 def hold_eval_folder(folder: str, command: str):
     """The folder alone (no job writing a part); refused with the running jobs named."""
+    lock = hold_output(folder, command)
     try:
-        with hold_output(folder, command):
-            yield
+        lock.acquire()
     except OutputBusyError:
         running = []
-        for lock in sorted(glob.glob(os.path.join(folder, "part-*.npz.lock"))):
-            holder = read_holder(lock) if is_held(lock) else None
+        for part_lock in sorted(glob.glob(os.path.join(folder, "part-*.npz.lock"))):
+            holder = read_holder(part_lock) if is_held(part_lock) else None
             if holder:
-                running.append(f"{os.path.basename(lock)[:-5]} (pid {holder['pid']} on {holder['host']}, "
+                running.append(f"{os.path.basename(part_lock)[:-5]} (pid {holder['pid']} on {holder['host']}, "
                                f"since {holder['started']})")
         if not running:
             raise
         raise EvalError(f"{folder}: elr-eval run jobs are still writing parts: {', '.join(running)}; "
                         "wait for them to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_on_dask(client, num_jobs: int, out: str, **job_args) -> dict:
