@@ -49,7 +49,7 @@ def decode_only(paths) -> tuple:
 def prepare_only(paths) -> tuple:
     import cv2
 
-    from ingest.video import FrameOptions, prepare_video
+    from ingest.videos.frames import FrameOptions, prepare_video
 
     cv2.setNumThreads(1)
     frames, t = 0, time.perf_counter()
@@ -62,12 +62,12 @@ def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20) -> float
     """Clips/s of C3D alone on batches already in (device) memory."""
     import torch
 
-    from ingest.batching import FeatureBatcher
-    from ingest.c3d import random_c3d
+    from ingest.c3d.batching import FeatureBatcher
+    from ingest.c3d.network import random_c3d
 
     batcher = FeatureBatcher({"rgb": random_c3d(0)}, device, batch_size, dtype)
     clips = torch.randint(0, 256, (batch_size, 16, 112, 112, 3), dtype=torch.uint8, device=device)
-    from ingest.c3d import clips_to_input
+    from ingest.c3d.network import clips_to_input
 
     net = batcher.networks["rgb"]
     with torch.no_grad(), batcher.autocast:
@@ -93,8 +93,8 @@ def main():
 
     import torch
 
-    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
-    from ingest.extract import ExtractConfig, extract_features
+    from ingest.videos.demo import DemoVideosConfig, make_demo_videos
+    from ingest.c3d.extract import ExtractConfig, extract_features
     from elr.model import resolve_device
 
     device = resolve_device(args.device)

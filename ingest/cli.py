@@ -256,7 +256,7 @@ def extract_features_cmd(videos, splits_dir, out, quiet, **options):
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
       elr-ingest extract-features ... --resume          # after an interruption
     """
-    from ingest.extract import ExtractConfig, extract_features
+    from ingest.c3d.extract import ExtractConfig, extract_features
 
     cfg = call(ExtractConfig, progress=not quiet, **options)
     record = call(extract_features, videos, splits_dir, out, cfg)
@@ -287,7 +287,7 @@ def make_demo_videos_cmd(out, size, **options):
       elr-ingest make-demo-videos demo
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
     """
-    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
+    from ingest.videos.demo import DemoVideosConfig, make_demo_videos
 
     cfg = call(DemoVideosConfig, height=size[0], width=size[1], **options)
     n = call(make_demo_videos, out, cfg)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ingest.c3d import C3D, CONVS, WeightsError, load_c3d
-from ingest.flow import CV_METHODS, FlowMethodError, cv_flow_function, flow_to_image
+from ingest.c3d.network import C3D, CONVS, WeightsError, load_c3d
+from ingest.videos.flow import CV_METHODS, FlowMethodError, cv_flow_function, flow_to_image
 
 
 def known_state_dict(seed=0):
@@ -113,7 +113,7 @@ def test_flow_image_encoding():
 
 
 def test_raft_needs_weights_and_torchvision(tmp_path):
-    from ingest.flow import check_method
+    from ingest.videos.flow import check_method
 
     with pytest.raises(FlowMethodError) as e:
         check_method("raft")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.train import SeedDataLayer
-from ingest.extract import ExtractConfig, extract_features
+from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
 from videos import bad_videos, count_frames, hmdb51_shaped, write_split_files

@@ -50,7 +50,7 @@ def assert_full_disk_error(result, disk):
 
 
 def test_build_and_extract_on_a_full_disk_name_the_file(small_disk, demo_master, tmp_path, dask_client):
-    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
+    from ingest.videos.demo import DemoVideosConfig, make_demo_videos
 
     make_demo_videos(str(tmp_path / "demo"), DemoVideosConfig(classes=2, train=3, test=2, validation=0, height=32,
                                                               width=32, min_frames=16, max_frames=16))

@@ -214,7 +214,7 @@ def test_two_trainings_with_one_out(train_shards, tmp_path):
 
 
 def test_extract_features_twice_at_once(tmp_path, dask_client):
-    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
+    from ingest.videos.demo import DemoVideosConfig, make_demo_videos
 
     make_demo_videos(str(tmp_path / "demo"), DemoVideosConfig(classes=2, train=2, test=1, validation=0, height=32, width=32,
                                                              min_frames=16, max_frames=16))
@@ -304,8 +304,8 @@ def test_reruns_remove_dead_writers_temporary_files_and_nothing_else(built_maste
 
 
 def test_extract_resume_removes_what_a_killed_run_left(tmp_path, dask_client):
-    from ingest.demo_videos import DemoVideosConfig, make_demo_videos
-    from ingest.extract import ExtractConfig, extract_features
+    from ingest.videos.demo import DemoVideosConfig, make_demo_videos
+    from ingest.c3d.extract import ExtractConfig, extract_features
 
     make_demo_videos(str(tmp_path / "demo"), DemoVideosConfig(classes=2, train=2, test=1, validation=0, height=32, width=32,
                                                              min_frames=16, max_frames=16))

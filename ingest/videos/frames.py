@@ -15,7 +15,7 @@ import numpy as np
 
 from shards.errors import BadVideoError
 
-from .c3d import CLIP_FRAMES, INPUT_SIDE
+from ingest.c3d.network import CLIP_FRAMES, INPUT_SIDE
 from .flow import cv_flow_function, flow_to_image, raft_flow
 
 STREAM_ORDER = ("hr_rgb", "lr_rgb", "hr_flow", "lr_flow")

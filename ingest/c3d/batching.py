@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .c3d import C3D_MEAN_RGB, FEATURE_DIM, clips_to_input
+from .network import C3D_MEAN_RGB, FEATURE_DIM, clips_to_input
 
 NETWORK_OF_STREAM = {"hr_rgb": "rgb", "lr_rgb": "rgb", "hr_flow": "flow", "lr_flow": "flow"}
 

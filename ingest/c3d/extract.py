@@ -25,10 +25,11 @@ from shards.parallel import dask_client, drain_workers
 from shards.progress import Progress
 from shards.schema import STREAMS
 
-from .c3d import INPUT_SIDE, load_c3d, random_c3d
-from .flow import METHODS, check_method
-from .splits import PHASE_OF_LABEL, SplitError, plan_videos
-from .video import FrameOptions, prepare_video
+from ingest.videos.flow import METHODS, check_method
+from ingest.videos.frames import FrameOptions, prepare_video
+from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
+
+from .network import INPUT_SIDE, load_c3d, random_c3d
 
 FEATURES_JSON = "features.json"
 FORMAT = "elr-features/1"
@@ -246,7 +247,7 @@ def _lower_priority():
 
 def _cached_raft(path, device):
     if (path, device) not in _RAFT:
-        from .flow import load_raft
+        from ingest.videos.flow import load_raft
 
         _RAFT[(path, device)] = load_raft(path).to(device)
     return _RAFT[(path, device)]

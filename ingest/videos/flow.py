@@ -71,7 +71,7 @@ def load_raft(path: str):
     except ImportError:
         raise FlowMethodError("--flow raft needs torchvision built for this torch (pip install torchvision==<the "
                               f"release matching torch {torch.__version__}>)") from None
-    from .c3d import load_state_file
+    from ingest.c3d.network import load_state_file
 
     state = load_state_file(path, FlowMethodError, "RAFT weights")
     for build in (raft_large, raft_small):
