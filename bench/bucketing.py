@@ -1,6 +1,6 @@
 """Does length bucketing cost accuracy when lengths depend on class (real HMDB51)? Accuracy and padding, both ways.
 
-    python bench/bucketing.py [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform]
+    python -m bench.bucketing [--seeds 0 1 2] [--epochs 12] [--lengths hmdb51 uniform]
                               [--loaders shuffled bucketed unbucketed seed]
 
 For each length model, one HMDB51-shaped demo tree (51 classes, --videos-per-class per phase), then
@@ -10,7 +10,7 @@ windows of 256 videos), `bucketed` (--length-bucketing: each window sorted by le
 own training loop (its
 per-file data layer, every (video, resolution) an item of a shuffled DataLoader, batches padded to
 the split's longest video, the same model, RMSprop and learning rate). Every run is one process (a
-step's videos do not depend on the number of processes, elr/data.py). Prints, per row, the padding
+step's videos do not depend on the number of processes, elr/data/plan.py). Prints, per row, the padding
 share a padded layout would waste and the best LR test accuracy over the last 4 epochs (single
 epochs swing a lot at this size), per seed and on average.
 """
@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/ (bench/train.py)
-
-from shards.build import BuildConfig, build_shards  # noqa: E402
-from shards.demo import DemoConfig, make_demo  # noqa: E402
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
 
 
 def run(shards, out, seed, epochs, buffer, bucket, args):

@@ -1,6 +1,6 @@
 """Benchmark sharded evaluation, in one run.
 
-    python bench/eval.py [--work bench/_work] [--lengths hmdb51] [--hidden 512]
+    python -m bench.eval [--work bench/_work] [--lengths hmdb51] [--hidden 512]
 
 On the HMDB51-shaped tree of bench/train.py (51 classes x 34 videos, lengths drawn per class from real
 HMDB51; --lengths uniform: 4-16 units), its Test phase (1734 videos), and a shard set with both
@@ -19,14 +19,13 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.ingest import warm  # noqa: E402
-from bench.train import SeedDataLayer  # noqa: E402
-from elr.model import TwoStreamGRU  # noqa: E402
-from shards.build import BuildConfig, build_shards  # noqa: E402
-from shards.demo import DemoConfig, make_demo  # noqa: E402
-from shards.manifest import load_manifest  # noqa: E402
-from train.evaluate import merge, run_job  # noqa: E402
+from bench.common import warm
+from bench.seed import SeedDataLayer
+from elr.model import TwoStreamGRU
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
+from shards.manifest import load_manifest
+from train.evaluate import merge, run_job
 
 
 class SeedTestLayer(SeedDataLayer):

@@ -1,6 +1,6 @@
 """How fast does extract-features turn videos into C3D features, against its bounds, in one run?
 
-    python bench/features.py [--videos 8] [--device cpu|cuda] [--rounds 2]
+    python -m bench.features [--videos 8] [--device cpu|cuda] [--rounds 2]
 
 On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by make-demo-videos):
   (a) FFmpeg's own decode of the files: a PyAV decode loop, no conversion, no processing
@@ -17,11 +17,7 @@ Random C3D weights at 112x112 cost exactly what the Sports-1M weights cost.
 import argparse
 import os
 import shutil
-import sys
 import time
-
-
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
 
 HMDB51_VIDEOS, HMDB51_FRAMES = 6766, 632_581
 

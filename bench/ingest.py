@@ -1,6 +1,6 @@
 """Benchmark build-shards and verify against `tar -cf` of the same tree, in one run.
 
-    python bench/ingest.py [--work bench/_work] [--lengths hmdb51] [--videos-per-class 44] [--dim 4096]
+    python -m bench.ingest [--work bench/_work] [--lengths hmdb51] [--videos-per-class 44] [--dim 4096]
 
 Generates an HMDB51-sized tree once (51 classes x 44 videos x 3 phases = 6,732 videos; with
 --lengths hmdb51, each video's length drawn from its class in real HMDB51), then times tar -cf
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from bench.common import WORK, warm
 from shards.build import BuildConfig, build_shards
 from shards.demo import DemoConfig, make_demo
 from shards.parallel import dask_client
@@ -26,15 +27,6 @@ from shards.verify import verify_shards
 
 def tree_bytes(root):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
-
-
-def warm(root):
-    """Read every source file, so each timed step starts from the same warm page cache."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda p: open(p, "rb").read() and None, paths))
 
 
 def child_cpu():
@@ -76,7 +68,7 @@ def disk_write_speed(folder, nbytes=1 << 30):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--work", default=WORK)
     ap.add_argument("--videos-per-class", type=int, default=44, help="per phase (44: HMDB51's 6,766 clips, about)")
     ap.add_argument("--lengths", choices=["hmdb51", "uniform"], default="hmdb51",
                     help="video lengths: real HMDB51's per class, or uniform 4-16 units (the older benchmark tree)")

@@ -1,7 +1,7 @@
 """The in-process shard loader of this checkout against another commit's, in alternating processes.
 
-    python bench/train.py                      # once: builds the real-length shards it reads
-    python bench/loader_ab.py 3f4c737 [--rounds 4] [--shards bench/_work/shards-train-hmdb51]
+    python -m bench.train                      # once: builds the real-length shards it reads
+    python -m bench.loader_ab 3f4c737 [--rounds 4] [--shards bench/_work/shards-train-hmdb51]
 
 This machine's speed drifts by 1.5x within an hour, so two runs of bench/train.py an hour apart
 cannot tell a 20% change from the drift. Here the two versions take turns: each round starts one
@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(root: str, shards: str, epochs: int, cold: bool) -> None:
-    """Time the loader of the code at `root` (its own modules, not this checkout's)."""
+    """Time the loader of the code at `root` (its own modules, not this checkout's): the child runs as a
+    file, not a module, so that nothing of this checkout is on its path before `root`."""
     sys.path.insert(0, root)
     from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields, phase_shards
     from shards.manifest import load_manifest
@@ -58,12 +59,11 @@ def main():
     if not args.commit:
         ap.error("name the commit to compare against")
     if args.cold:
-        sys.path.insert(0, HERE)
-        from bench.train import drop_caches  # in this process only: a child imports its own tree's modules
+        from bench.common import drop_caches  # in this process only: a child imports its own tree's modules
     if args.cold and not drop_caches():
         sys.exit("Error: --cold drops the page cache, which needs root (/proc/sys/vm/drop_caches)")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
-        sys.exit(f"Error: no shard set at {shards}; run `python bench/train.py` once to build it")
+        sys.exit(f"Error: no shard set at {shards}; run `python -m bench.train` once to build it")
     with tempfile.TemporaryDirectory() as tmp:
         other = os.path.join(tmp, "tree")
         subprocess.run(["git", "-C", HERE, "worktree", "add", "-q", "--detach", other, args.commit], check=True)

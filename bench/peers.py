@@ -1,7 +1,7 @@
 """Our loader against LitData, Mosaic Streaming (MDS) and plain WebDataset, on the same videos, in one run.
 
     bash scripts/setup-bench.sh                     # .venv-bench: the project + the [bench] extra, torch pinned
-    .venv-bench/bin/python bench/peers.py [--work bench/_work] [--rounds 3] [--batch-size 256]
+    .venv-bench/bin/python -m bench.peers [--work bench/_work] [--rounds 3] [--batch-size 256]
 
 The Train phase of the real-length tree of bench/train.py (51 classes x 34 videos, lengths drawn per
 class from real HMDB51, dim 4096) is written three more ways: LitData (`litdata.optimize`), MDS
@@ -11,7 +11,7 @@ with the peak RSS of the loader's process tree (sampled in the first epoch, so t
 undisturbed) and an exact-once check (every video once per epoch;
 ours adds its documented equal-steps repeats). A step is the seed's global batch: 128 videos, each
 as an LR and an HR sequence (256 sequences). Ours hands out the step unpadded (LR then HR units end
-to end, elr/data.py), and so do the peers' collates (`--peer-collate concat`, the default: the same
+to end, elr/data/device.py), and so do the peers' collates (`--peer-collate concat`, the default: the same
 step, the fairest comparison); `--peer-collate pad` pads each peer batch to its longest video instead
 (the seed's layout, per batch rather than per split), which at HMDB51's lengths moves several times
 the bytes. Rows in the same run, for the ratios of
@@ -41,18 +41,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
-
-from bench.ingest import warm  # noqa: E402
-from bench.train import SeedDataLayer, copy_ceiling, drop_caches  # noqa: E402
-from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields  # noqa: E402
-from elr.data import TORCH_DTYPES, concatenate_parallel, phase_shards  # noqa: E402
-from shards.build import BuildConfig, build_shards  # noqa: E402
-from shards.demo import DemoConfig, make_demo  # noqa: E402
-from shards.manifest import load_manifest  # noqa: E402
-from shards.memory import keep_freed_memory  # noqa: E402
-from shards.schema import STREAMS  # noqa: E402
-from shards.source import discover  # noqa: E402
+from bench.common import REPO, WORK, copy_ceiling, drop_caches, warm
+from bench.seed import SeedDataLayer
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields
+from elr.data import TORCH_DTYPES, concatenate_parallel, phase_shards
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
+from shards.manifest import load_manifest
+from shards.memory import keep_freed_memory
+from shards.schema import STREAMS
+from shards.source import discover
 
 INPUTS = TRAIN_INPUTS["lr+hr"]
 FIELDS = input_fields(INPUTS)  # lr_rgb, lr_flow, hr_rgb, hr_flow
@@ -304,20 +302,20 @@ def cold_rows(args, shards: str, n_videos: int) -> dict:
         print(f"round {r + 1}: disk (our shards' bytes) cold: {cold['disk'][-1]:.0f} seq/s", flush=True)
         for name in args.loaders:
             drop_caches()
-            argv = [sys.executable, os.path.abspath(__file__), "--work", args.work, "--dim", str(args.dim),
+            argv = [sys.executable, "-m", "bench.peers", "--work", os.path.abspath(args.work), "--dim", str(args.dim),
                     "--videos-per-class", str(args.videos_per_class), "--batch-size", str(args.batch_size),
                     "--peer-collate", args.peer_collate, "--batch-decode", args.batch_decode, "--cold-one", name]
-            out = subprocess.run(argv, check=True, capture_output=True, text=True)
+            out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO)
             cold.setdefault(name, []).append(float(out.stdout.split()[-1]))
             print(f"round {r + 1}: {name} cold: {cold[name][-1]:.0f} seq/s", flush=True)
     return cold
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--work", default=WORK)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--videos-per-class", type=int, default=34, help="per phase; 34: bench/train.py's tree")
+    ap.add_argument("--videos-per-class", type=int, default=34, help="per phase; 34: bench.train's tree")
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per step (each video gives LR and HR)")
     ap.add_argument("--peer-collate", choices=["concat", "pad"], default="concat",
@@ -327,8 +325,11 @@ def main():
                     help="LitData's StreamingDataset(batch_decode=...): 1, its fastest here (its default, auto, ran 10x slower)")
     ap.add_argument("--loaders", nargs="+", default=["ours", "litdata", "mds", "webdataset", "seed"])
     ap.add_argument("--cold-one", help=argparse.SUPPRESS)  # a cold row, in a process of its own
-    args = ap.parse_args()
-    keep_freed_memory()  # every loader in this process (and its forked workers) gets the same malloc tuning
+    return ap.parse_args()
+
+
+def prepare_sets(args) -> tuple:
+    """The source tree, our shards, and the peers' copies of its Train phase (each written once)."""
     root, shards = os.path.join(args.work, "HMDB51-hmdb51"), os.path.join(args.work, "shards-train-hmdb51")
     if not os.path.isdir(root):
         make_demo(root, DemoConfig(videos_per_class=args.videos_per_class, dim=args.dim, lengths="hmdb51"))
@@ -342,34 +343,18 @@ def main():
             write(videos, folder + ".tmp")
             shutil.move(folder + ".tmp", folder)
             print(f"wrote {name} in {time.perf_counter() - t:.1f} s", flush=True)
-    # every loader runs with the objects of setup (torch, the peers' modules) frozen out of the garbage
-    # collector's full collections, as train/ddp.py runs its epochs (shards.memory.long_lived_frozen)
-    gc.freeze()
-    if args.cold_one:
-        (rate, _), = run_epochs(getattr(Loaders(args, shards, lit, mds, root), args.cold_one),
-                                2 if args.cold_one == "seed" else 0, (100,))[0]
-        print(rate)
-        return
-    cold = cold_rows(args, shards, len(videos)) if drop_caches() else {}
-    tar_bytes = sum(s.bytes for s in Loaders(args, shards, lit, mds, root).plan.shards)
-    n_videos = len(videos)
-    print(f"{n_videos} videos, {sum(r['units'] for r in load_manifest(shards)['splits']['Split1']['Train']['samples'])} "
-          f"units; disk: ours {tar_bytes / 1e9:.2f} GB"
-          + (f", litdata {disk_bytes(lit) / 1e9:.2f} GB" if os.path.isdir(lit) else "")
-          + (f", mds {disk_bytes(mds) / 1e9:.2f} GB" if os.path.isdir(mds) else ""), flush=True)
+    return root, shards, lit, mds, videos
 
-    loaders = Loaders(args, shards, lit, mds, root)
+
+def warm_rows(args, loaders: Loaders, n_videos: int) -> tuple:
+    """Every loader at every worker count, alternating for --rounds: ({(loader, workers): best seq/s of
+    epoch 2}, {...: every video exactly once}, {...: peak RSS added})."""
     settings = [(name, k) for name in args.loaders for k in ((2,) if name == "seed" else (0, 1, 2))]
     rows, checks, peaks = {}, {}, {}
-    warm(shards), warm(root)
-    for folder in (lit, mds):
-        if os.path.isdir(folder):
-            warm(folder)
     slots = loaders.plan.steps_per_epoch * 8 * loaders.plan.micro_batch
     for r in range(args.rounds):
         for name, k in settings:
-            epochs = (2 * r, 2 * r + 1)
-            results, peak = run_epochs(getattr(loaders, name), k, epochs)
+            results, peak = run_epochs(getattr(loaders, name), k, (2 * r, 2 * r + 1))
             rows[(name, k)] = max(rows.get((name, k), 0.0), results[1][0])
             peaks[(name, k)] = max(peaks.get((name, k), 0), peak)
             for _, keys in results:
@@ -378,10 +363,10 @@ def main():
                     ok = len(keys) == n_videos and sum(keys.values()) == n_videos + repeats
                     checks[(name, k)] = checks.get((name, k), True) and ok
             print(f"round {r + 1}: {name} {k} workers: {results[1][0]:.0f} seq/s", flush=True)
-    m = load_manifest(shards)
-    units = sum(r["units"] for r in m["splits"]["Split1"]["Train"]["samples"])
-    ceiling = copy_ceiling(int(2 * units / n_videos * m["dim"] * 4))  # a sequence: RGB + flow of one resolution
+    return rows, checks, peaks
 
+
+def print_table(rows, checks, peaks, cold, ceiling) -> None:
     print("\n| loader | workers | seq/s, epoch 2 | x seed | peak RSS added | exact once |")
     print("|---|---:|---:|---:|---:|---|")
     seed = rows.get(("seed", 2))
@@ -395,7 +380,10 @@ def main():
         workers = {"seed": 2, "disk": ""}.get(name, 0)
         print(f"| {what}, cold cache (best of {len(rates)}; rounds {', '.join(f'{r:,.0f}' for r in rates)}) | "
               f"{workers} | {max(rates):,.0f} | | | |")
-    ours_default = rows.get(("ours", 0))
+
+
+def print_ratios(rows, cold, ceiling) -> None:
+    seed, ours_default = rows.get(("seed", 2)), rows.get(("ours", 0))
     peers = {key: v for key, v in rows.items() if key[0] not in ("ours", "seed")}
     if ours_default and peers:
         best = max(peers, key=peers.get)
@@ -422,6 +410,35 @@ def main():
     if "ours" in cold:
         rounds = ", ".join(f"{100 * o / d:.0f}%" for o, d in zip(cold["ours"], cold["disk"]))
         print(f"cold: ours / the disk row of the same round: {rounds}")
+
+
+def main():
+    args = parse_args()
+    keep_freed_memory()  # every loader in this process (and its forked workers) gets the same malloc tuning
+    root, shards, lit, mds, videos = prepare_sets(args)
+    # every loader runs with the objects of setup (torch, the peers' modules) frozen out of the garbage
+    # collector's full collections, as train/ddp.py runs its epochs (shards.memory.long_lived_frozen)
+    gc.freeze()
+    if args.cold_one:
+        (rate, _), = run_epochs(getattr(Loaders(args, shards, lit, mds, root), args.cold_one),
+                                2 if args.cold_one == "seed" else 0, (100,))[0]
+        print(rate)
+        return
+    cold = cold_rows(args, shards, len(videos)) if drop_caches() else {}
+    loaders = Loaders(args, shards, lit, mds, root)
+    m = load_manifest(shards)
+    units = sum(r["units"] for r in m["splits"]["Split1"]["Train"]["samples"])
+    tar_bytes = sum(s.bytes for s in loaders.plan.shards)
+    print(f"{len(videos)} videos, {units} units; disk: ours {tar_bytes / 1e9:.2f} GB"
+          + (f", litdata {disk_bytes(lit) / 1e9:.2f} GB" if os.path.isdir(lit) else "")
+          + (f", mds {disk_bytes(mds) / 1e9:.2f} GB" if os.path.isdir(mds) else ""), flush=True)
+    for folder in (shards, root, lit, mds):
+        if os.path.isdir(folder):
+            warm(folder)
+    rows, checks, peaks = warm_rows(args, loaders, len(videos))
+    ceiling = copy_ceiling(int(2 * units / len(videos) * m["dim"] * 4))  # a sequence: RGB + flow of one resolution
+    print_table(rows, checks, peaks, cold, ceiling)
+    print_ratios(rows, cold, ceiling)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Does the cost per video stay flat from a thousand videos to a hundred thousand (and, on paper, a million)?
 
-    python bench/scale.py [--videos 1000 10000 100000] [--dim 16] [--shard-size 4MB] [--work bench/_work/scale]
+    python -m bench.scale [--videos 1000 10000 100000] [--dim 16] [--shard-size 4MB] [--work bench/_work/scale]
 
 For each size, an HMDB51-shaped tree (51 classes, the real per-class lengths) at a small feature dim,
 so that what is measured is the index and the per-video bookkeeping, not the bytes. Shards are cut at
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
+from bench.common import REPO
 
 
 def cli(*args) -> float:
@@ -38,7 +38,8 @@ def cli(*args) -> float:
 
 def probe(kind: str, shards: str) -> dict:
     """Start-up of a training rank or an evaluation job, in a fresh interpreter (imports not counted)."""
-    done = subprocess.run([sys.executable, __file__, "--probe", kind, shards], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bench.scale", "--probe", kind, os.path.abspath(shards)],
+                          capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         sys.exit(f"Error: probe {kind} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.splitlines()[-1])

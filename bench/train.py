@@ -1,6 +1,6 @@
 """Benchmark the training input pipeline against the seed's per-file loader, in one run.
 
-    python bench/train.py [--work bench/_work] [--lengths hmdb51] [--steps 12] [--batch-size 256] [--device auto] [--amp off]
+    python -m bench.train [--work bench/_work] [--lengths hmdb51] [--steps 12] [--batch-size 256] [--device auto] [--amp off]
 
 On one HMDB51-shaped tree (51 classes x 34 videos per phase, each video's length drawn from its
 class in real HMDB51; --lengths uniform: the older 4-16 units) and its tar shards, measures in sequences/s:
@@ -25,95 +25,26 @@ epoch on real data costs).
 import argparse
 import gc
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.ingest import warm  # noqa: E402
-from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, free_step, input_fields  # noqa: E402
-from elr.data import phase_shards  # noqa: E402
-from shards.manifest import load_manifest  # noqa: E402
-from elr.model import TwoStreamGRU, normalise_units, pack_units  # noqa: E402
-from shards.build import BuildConfig, build_shards  # noqa: E402
-from shards.demo import DemoConfig, make_demo  # noqa: E402
-from shards.memory import keep_freed_memory  # noqa: E402
-from shards.tario import forget_mapped_shards  # noqa: E402
+from bench.common import WORK, copy_ceiling, drop_caches, rate, warm
+from bench.seed import SeedDataLayer, train_step
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, free_step
+from elr.data import input_fields, phase_shards
+from elr.model import TwoStreamGRU, normalise_units, pack_units
+from shards.build import BuildConfig, build_shards
+from shards.demo import DemoConfig, make_demo
+from shards.manifest import load_manifest
+from shards.memory import keep_freed_memory
+from shards.tario import forget_mapped_shards
 
 INPUTS = TRAIN_INPUTS["lr+hr"]  # the seed's coupling: every video as an LR and an HR sequence
 ARENA_ROW = "(a) 2 workers, rings as on CUDA, host side only"
 FIELDS = input_fields(INPUTS)
-
-
-class SeedDataLayer(Dataset):
-    """The seed's HMDB51DataLayer: every (video, resolution) is one item, read from its own files,
-    L2-normalised per unit in numpy and zero-padded to the longest video of the split."""
-
-    def __init__(self, split_root, phases):
-        self.items, self.max_length = [], 0
-        for phase in [phases] if isinstance(phases, str) else phases:  # the seed trains on Train + Validation
-            base = os.path.join(split_root, phase)
-            for label, c in enumerate(sorted(os.listdir(base))):
-                for name in sorted(os.listdir(f"{base}_lr_features/{c}")):
-                    length = np.load(f"{base}_lr_features/{c}/{name}", mmap_mode="r").shape[0]
-                    for res in ("lr", "hr"):
-                        self.items.append((f"{base}_{res}_features/{c}/{name}",
-                                           f"{base}_{res}_optfl_features/{c}/{name}", length, label))
-                    self.max_length = max(self.max_length, length)
-
-    def _load(self, path):
-        x = np.load(path, allow_pickle=False).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1)[:, None]
-        out = torch.zeros(self.max_length, x.shape[1])
-        out[: len(x)] = torch.from_numpy(x)
-        return out
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        rgb, flow, length, label = self.items[i]
-        return self._load(rgb), self._load(flow), length, label
-
-
-def train_step(model, opt, inputs, labels, ctx):
-    """One optimiser step; `inputs` are the model's arguments, L2-normalised."""
-    with ctx:
-        logits = model(*inputs)
-    loss = F.cross_entropy(logits.float(), labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def rate(n_items, seconds):
-    return n_items / seconds
-
-
-def drop_caches() -> bool:
-    """Empty the page cache (needs root); False where that is not allowed."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def copy_ceiling(bytes_per_sequence: int) -> float:
-    """Sequences/s if a loader did nothing but copy each sequence's bytes once (memory bandwidth)."""
-    src = np.ones(64 << 20, dtype=np.float32)  # 256 MiB: past the CPU caches
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    t = time.perf_counter()
-    for _ in range(8):
-        np.copyto(dst, src)
-    return 8 * src.nbytes / (time.perf_counter() - t) / bytes_per_sequence
 
 
 def mapped_copy_rate(plan, reps: int = 3) -> float:
@@ -152,9 +83,9 @@ def epoch_rate(loader_factory, sequences_per_item, prepare=None, epoch=0):
     return rate(n, time.perf_counter() - t)
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="bench/_work")
+    ap.add_argument("--work", default=WORK)
     ap.add_argument("--lengths", choices=["hmdb51", "uniform"], default="hmdb51",
                     help="video lengths: per class as in real HMDB51, or uniform in 4..16 units")
     ap.add_argument("--steps", type=int, default=12)
@@ -167,108 +98,124 @@ def main():
     ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     ap.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
                     help="reuse: keep freed memory (as train/ddp.py does; the seed's loader workers inherit it too)")
-    args = ap.parse_args()
-    if args.malloc == "reuse":
-        keep_freed_memory()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    workers = args.workers if args.workers >= 0 else auto_workers(device)
-    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]) \
-        if args.amp != "off" else torch.autocast(device.type, enabled=False)
+    return ap.parse_args()
 
-    tag = "" if args.lengths == "uniform" else f"-{args.lengths}"  # the uniform tree keeps its old place
-    root, shards = os.path.join(args.work, f"HMDB51{tag}"), os.path.join(args.work, f"shards-train{tag}")
-    if not os.path.isdir(root):
-        make_demo(root, DemoConfig(videos_per_class=34, lengths=args.lengths))
-    if not os.path.exists(os.path.join(shards, "manifest.json")):
-        build_shards(root, BuildConfig(out=shards, formats=("webdataset",), progress=False))
-    half = shards + "-float16"  # the same videos stored as float16 (build-shards --dtype float16)
-    if not os.path.exists(os.path.join(half, "manifest.json")):
-        build_shards(root, BuildConfig(out=half, formats=("webdataset",), dtype="float16", progress=False))
-    manifest = load_manifest(shards)
-    streams = 8
 
-    def train_plan(folder):
+class Bench:
+    """One run's tree, shard sets (float32 and float16), device and loaders."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if args.device == "auto" else args.device)
+        self.workers = args.workers if args.workers >= 0 else auto_workers(self.device)
+        self.ctx = torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]) \
+            if args.amp != "off" else torch.autocast(self.device.type, enabled=False)
+        tag = "" if args.lengths == "uniform" else f"-{args.lengths}"  # the uniform tree keeps its old place
+        self.root, self.shards = os.path.join(args.work, f"HMDB51{tag}"), os.path.join(args.work, f"shards-train{tag}")
+        self.half = self.shards + "-float16"  # the same videos stored as float16 (build-shards --dtype float16)
+        if not os.path.isdir(self.root):
+            make_demo(self.root, DemoConfig(videos_per_class=34, lengths=args.lengths))
+        for folder, dtype in ((self.shards, "float32"), (self.half, "float16")):
+            if not os.path.exists(os.path.join(folder, "manifest.json")):
+                build_shards(self.root, BuildConfig(out=folder, formats=("webdataset",), dtype=dtype, progress=False))
+        self.manifest = load_manifest(self.shards)
+        self.plan, self.half_plan = self.train_plan(self.shards), self.train_plan(self.half)
+        self.loaders = {}  # one per (plan, workers, hand-off), kept across epochs as train/ddp.py keeps its own
+
+    def train_plan(self, folder, streams=8):
         return StreamPlan(phase_shards(load_manifest(folder), folder, "Split1", ("Train",)), streams,
-                          args.batch_size // 2 // streams)
+                          self.args.batch_size // 2 // streams)
 
-    plan, half_plan = train_plan(shards), train_plan(half)
-    n = args.steps
-
-    loaders = {}  # one per (plan, workers, hand-off), kept across epochs as train/ddp.py keeps its own (and its workers)
-
-    def our_loader(epoch=0, plan=plan, workers=workers, handoff=None):
+    def ours(self, epoch=0, plan=None, workers=None, handoff=None):
+        plan, workers = plan or self.plan, self.workers if workers is None else workers
         key = (id(plan), workers, handoff)
-        if key not in loaders:
-            loaders[key] = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), workers,
-                                      pin_memory=device.type == "cuda", handoff=handoff)
-        loaders[key].dataset.set_position(epoch)
-        return DevicePrefetcher(loaders[key], INPUTS, device)
+        if key not in self.loaders:
+            self.loaders[key] = StepLoader(ShardStream(plan, 0, 1, FIELDS, seed=0), workers,
+                                           pin_memory=self.device.type == "cuda", handoff=handoff)
+        self.loaders[key].dataset.set_position(epoch)
+        return DevicePrefetcher(self.loaders[key], INPUTS, self.device)
 
-    def arena_steps(epoch):
+    def arena_steps(self, epoch):
         """The host side of the CUDA default on this CPU: 2 workers copy each step into their shared
         rings, and the trainer views the blocks and gives them back, as it does on CUDA once the side
         stream has copied them to the GPU (there the rings are also page-locked)."""
-        for group in our_loader(epoch, workers=2, handoff="arena").steps:
+        for group in self.ours(epoch, workers=2, handoff="arena").steps:
             yield group
             free_step(group)
 
-    def seed_loader(epoch=0):
-        ds = SeedDataLayer(os.path.join(root, "Split1"), "Train")
-        return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.seed_workers,
-                          pin_memory=device.type == "cuda")
+    def seed(self, epoch=0):
+        ds = SeedDataLayer(os.path.join(self.root, "Split1"), "Train")
+        return DataLoader(ds, batch_size=self.args.batch_size, shuffle=True, num_workers=self.args.seed_workers,
+                          pin_memory=self.device.type == "cuda")
 
-    def normalised(batch, inplace):
-        """((lengths, rgb, flow) with units normalised, labels) of a merged step, as train/ddp.py makes them."""
-        return (batch["lengths"], normalise_units(batch["rgb"], inplace), normalise_units(batch["flow"], inplace)),\
-            batch["labels"]
 
+def ours_per_item(item):
+    return len(item[1]["labels"])  # labels of the merged LR and HR rows
+
+
+def seed_per_item(item):
+    return len(item[2])
+
+
+def normalised(batch, inplace):
+    """((lengths, rgb, flow) with units normalised, labels) of a merged step, as train/ddp.py makes them."""
+    return (batch["lengths"], normalise_units(batch["rgb"], inplace), normalise_units(batch["flow"], inplace)), \
+        batch["labels"]
+
+
+def loader_rows(b: Bench) -> dict:
+    """(a), (c) and (e): the loaders alone, warm and cold, and the copy ceilings."""
     rows = {}
-    ours_per_item = lambda item: len(item[1]["labels"])  # noqa: E731  (labels of the merged LR and HR rows)
-    seed_per_item = lambda item: len(item[2])  # noqa: E731
-    warm(shards)
-    warm(root)
+    warm(b.shards)
+    warm(b.root)
     gc.freeze()  # setup's objects out of full collections, as train/ddp.py runs its epochs (long_lived_frozen)
     # Each loader's two epochs run back to back: the seed's DataLoader forks worker processes, and
     # after a fork every page of the parent's heap faults on its next write (copy-on-write).
     for epoch in (1, 2):
-        rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(our_loader, ours_per_item, epoch=epoch)
-    handoffs = {f"(a) shard loader alone, {k} workers, warm, epoch 2": (lambda e, k=k: our_loader(e, workers=k), ours_per_item)
+        rows[f"(a) shard loader alone, warm, epoch {epoch}"] = epoch_rate(b.ours, ours_per_item, epoch=epoch)
+    handoffs = {f"(a) shard loader alone, {k} workers, warm, epoch 2": (lambda e, k=k: b.ours(e, workers=k), ours_per_item)
                 for k in (0, 1, 2)}  # the hand-off between processes: in-process, 1 and 2 workers
-    if device.type == "cpu":
-        handoffs[ARENA_ROW] = (arena_steps, lambda group: 2 * sum(len(mb["lengths"]) for mb in group))
-    for _ in range(args.rounds):  # alternating
+    if b.device.type == "cpu":
+        handoffs[ARENA_ROW] = (b.arena_steps, lambda group: 2 * sum(len(mb["lengths"]) for mb in group))
+    for _ in range(b.args.rounds):  # alternating
         for key, (factory, per_item) in handoffs.items():
             for epoch in (1, 2):  # the second epoch counts (the first grows heaps and arenas)
                 r = epoch_rate(factory, per_item, epoch=epoch)
             rows[key] = max(rows.get(key, 0.0), r)
-    warm(half)
+    warm(b.half)
     for epoch in (1, 2):  # half the bytes to copy; epoch 1 only warms this set's maps and tables
-        half_rate = epoch_rate(lambda e: our_loader(e, half_plan), ours_per_item, epoch=epoch)
+        half_rate = epoch_rate(lambda e: b.ours(e, b.half_plan), ours_per_item, epoch=epoch)
     rows["(a) float16 shards, warm, epoch 2"] = half_rate
     for epoch in (1, 2):
-        rows[f"(c) seed loader alone, warm, epoch {epoch}"] = epoch_rate(seed_loader, seed_per_item, epoch=epoch)
+        rows[f"(c) seed loader alone, warm, epoch {epoch}"] = epoch_rate(b.seed, seed_per_item, epoch=epoch)
     if drop_caches():  # the process's kept shard maps would hold their pages in the cache
-        rows["(a) shard loader alone, cold"] = epoch_rate(our_loader, ours_per_item,
+        rows["(a) shard loader alone, cold"] = epoch_rate(b.ours, ours_per_item,
                                                           lambda: (forget_mapped_shards(), drop_caches()))
-        rows["(c) seed loader alone, cold"] = epoch_rate(seed_loader, seed_per_item, drop_caches)
-    samples = manifest["splits"]["Split1"]["Train"]["samples"]
+        rows["(c) seed loader alone, cold"] = epoch_rate(b.seed, seed_per_item, drop_caches)
+    samples = b.manifest["splits"]["Split1"]["Train"]["samples"]
     mean_units = sum(s["units"] for s in samples) / len(samples)
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    rows["(e) one memory copy per sequence (ceiling)"] = copy_ceiling(int(2 * mean_units * manifest["dim"] * itemsize))
-    rows["(e2) one copy per sequence from the mapped shards"] = mapped_copy_rate(plan)
-    warm(shards)
-    warm(root)
-    gc.freeze()  # again: the loader rows' kept maps and tables join setup's objects for the training rows
+    itemsize = np.dtype(b.manifest["dtype"]).itemsize
+    rows["(e) one memory copy per sequence (ceiling)"] = copy_ceiling(int(2 * mean_units * b.manifest["dim"] * itemsize))
+    rows["(e2) one copy per sequence from the mapped shards"] = mapped_copy_rate(b.plan)
+    return rows
 
+
+def training_rows(b: Bench) -> tuple:
+    """(d) the model alone on the very steps (b) runs from the loader, and (c) training on the seed's
+    loader; returns (rows, share of (b)'s step time waiting for data)."""
+    args, device, n = b.args, b.device, b.args.steps
+    warm(b.shards)
+    warm(b.root)
+    gc.freeze()  # again: the loader rows' kept maps and tables join setup's objects for the training rows
     torch.manual_seed(0)
-    model = TwoStreamGRU(manifest["dim"], args.hidden, len(manifest["classes"])).to(device)
+    model = TwoStreamGRU(b.manifest["dim"], args.hidden, len(b.manifest["classes"])).to(device)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     # (d) runs the very steps (b) runs, from memory: batches differ in length, so any others would
     # not be the same amount of compute. This machine's speed drifts by 10-20% over minutes, so the
     # two alternate for --rounds and each step counts with its fastest round, for (d) and (b) alike.
-    in_memory = [normalised(b, False) for _, (_, b) in zip(range(n), our_loader())]
-    train_step(model, opt, pack_units(*in_memory[0][0]), in_memory[0][1], ctx)  # warm-up: allocator, kernels
+    in_memory = [normalised(batch, False) for _, (_, batch) in zip(range(n), b.ours())]
+    train_step(model, opt, pack_units(*in_memory[0][0]), in_memory[0][1], b.ctx)  # warm-up: allocator, kernels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def compute_bound():
@@ -277,14 +224,14 @@ def main():
         for units, labels in in_memory[1:]:
             sync()
             t = time.perf_counter()
-            train_step(model, opt, pack_units(*units), labels, ctx)  # packing is the model's input step
+            train_step(model, opt, pack_units(*units), labels, b.ctx)  # packing is the model's input step
             sync()
             times.append(time.perf_counter() - t)
         return times
 
     def fed_by_loader():
         """(seconds, of which waiting for the batch) of each step 1..n-1; step 0 pays worker start-up."""
-        times, it = [], iter(our_loader())
+        times, it = [], iter(b.ours())
         next(it)
         for _ in range(n - 1):
             sync()
@@ -292,7 +239,7 @@ def main():
             _, batch = next(it)
             waited = time.perf_counter() - t
             units, labels = normalised(batch, True)
-            train_step(model, opt, pack_units(*units), labels, ctx)
+            train_step(model, opt, pack_units(*units), labels, b.ctx)
             sync()
             times.append((time.perf_counter() - t, waited))
         return times
@@ -304,23 +251,26 @@ def main():
     in_memory.clear()  # free the batches before (c)
     d_best = [min(step) for step in zip(*d_runs)]
     b_best = [min(step) for step in zip(*b_runs)]  # (total, waited) of each step's fastest round
-    rows["(d) model alone (compute bound)"] = rate(args.batch_size * (n - 1), sum(d_best))
-    rows["(b) training steps, shard loader"] = rate(args.batch_size * (n - 1), sum(t for t, _ in b_best))
+    rows = {"(d) model alone (compute bound)": rate(args.batch_size * (n - 1), sum(d_best)),
+            "(b) training steps, shard loader": rate(args.batch_size * (n - 1), sum(t for t, _ in b_best))}
     wait_share = sum(w for _, w in b_best) / sum(t for t, _ in b_best)
-
     t = time.perf_counter()
-    for i, (rgb, flow, lengths, labels) in zip(range(n), seed_loader()):
+    for i, (rgb, flow, lengths, labels) in zip(range(n), b.seed()):
         if i == 1:
             sync()
             t = time.perf_counter()
         if i >= 1:
-            train_step(model, opt, (rgb.to(device), flow.to(device), lengths), labels.to(device), ctx)
+            train_step(model, opt, (rgb.to(device), flow.to(device), lengths), labels.to(device), b.ctx)
     sync()
     rows["(c) training steps, seed loader"] = rate(args.batch_size * (n - 1), time.perf_counter() - t)
+    return rows, wait_share
 
+
+def report(b: Bench, rows: dict, wait_share: float) -> None:
+    args, device = b.args, b.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{plan.n_samples} training videos, dim {manifest['dim']}, hidden {args.hidden}, batch {args.batch_size} "
-          f"sequences, loader workers: ours {workers}, seed's {args.seed_workers}, device {name}, amp {args.amp}, "
+    print(f"\n{b.plan.n_samples} training videos, dim {b.manifest['dim']}, hidden {args.hidden}, batch {args.batch_size} "
+          f"sequences, loader workers: ours {b.workers}, seed's {args.seed_workers}, device {name}, amp {args.amp}, "
           f"malloc {args.malloc}")
     print(f"{'measure':<52}{'seq/s':>10}")
     for k, v in rows.items():
@@ -344,6 +294,17 @@ def main():
         print(f"(a) in-process / {k[:4].strip()}: {100 * inproc / rows[k]:.0f}%")
     print(f"(b) / (d) share of the compute bound: {100 * rows['(b) training steps, shard loader'] / rows['(d) model alone (compute bound)']:.0f}%")
     print(f"share of step time waiting for data (b): {100 * wait_share:.1f}%")
+
+
+def main():
+    args = parse_args()
+    if args.malloc == "reuse":
+        keep_freed_memory()
+    b = Bench(args)
+    rows = loader_rows(b)
+    training, wait_share = training_rows(b)
+    rows.update(training)
+    report(b, rows, wait_share)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-# Create .venv-bench for bench/peers.py: the project, plus LitData and Mosaic Streaming (the [bench] extra).
+# Create .venv-bench for bench.peers: the project, plus LitData and Mosaic Streaming (the [bench] extra).
 # A separate venv, because the peers pull torchvision and older numpy; torch stays the one pinned below:
 # a constraints file holds it, so no peer can replace it with another build.
-#     bash scripts/setup-bench.sh && .venv-bench/bin/python bench/peers.py
+#     bash scripts/setup-bench.sh && .venv-bench/bin/python -m bench.peers
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -16,4 +16,4 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 .venv-bench/bin/python -c "import torch; print(f'torch=={torch.__version__}')" > "$constraints"
 .venv-bench/bin/python -m pip install -q -c "$constraints" -e ".[bench]" 2>&1 | quiet
-.venv-bench/bin/python -c "import sys, torch, litdata; sys.path[0] = \".\"; from bench.peers import mds_api; mds_api(); print(\"torch\", torch.__version__, \"litdata\", litdata.__version__, \"and MDS ready\")"
+.venv-bench/bin/python -c "import torch, litdata; from bench.peers import mds_api; mds_api(); print(\"torch\", torch.__version__, \"litdata\", litdata.__version__, \"and MDS ready\")"

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.train import SeedDataLayer
+from bench.seed import SeedDataLayer
 from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
