@@ -25,7 +25,7 @@ from .manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_
 from .parallel import run_here, run_tasks, start_workers
 from .schema import STREAMS
 from .source import discover
-from .tasks import scan_batch, skip_record, tar_task, zarr_task
+from .tasks import Scanned, scan_batch, skip_record, tar_task, zarr_task
 
 FORMATS = ("webdataset", "zarr")
 
@@ -166,18 +166,18 @@ def _scan(workers, tree, cfg):
     else:
         found = run_tasks(workers.client, calls, "scan", len(videos), cfg.progress, count=len)
     results = [r for batch in found for r in batch]
-    dims = Counter(r[1][1] for r in results if r[0] == "ok")
+    dims = Counter(r.dim for r in results if isinstance(r, Scanned))
     dim = max(sorted(dims), key=lambda d: dims[d]) if dims else 0
     units, skipped = {}, {}
-    for v, (status, info) in zip(videos, results):
-        if status == "ok" and info[1] != dim:
-            status, info = "bad", (v.class_name, v.video, v.paths[0], f"has dim {info[1]}, the dataset's dim is {dim}")
-        if status == "ok":
-            units[v.key] = info[0]
+    for v, result in zip(videos, results):
+        if isinstance(result, Scanned) and result.dim != dim:
+            result = BadVideoError(v.class_name, v.video, v.paths[0], f"has dim {result.dim}, the dataset's dim is {dim}")
+        if isinstance(result, Scanned):
+            units[v.key] = result.units
         elif cfg.on_error == "fail":
-            raise BadVideoError(*info)
+            raise result
         else:
-            skipped[v.key] = skip_record(*info)
+            skipped[v.key] = skip_record(result)
     return units, dim, skipped
 
 
@@ -323,17 +323,25 @@ def _tar_jobs(plan, journal, cfg):
         os.makedirs(os.path.join(journal.staging, phase_name), exist_ok=True)
         for shard in phase["shards"]:
             if journal.done(shard["name"]) is None:
-                jobs.append((shard["name"], (tar_task, journal.staging, shard, [videos[k] for k, _, _ in shard["videos"]],
-                                             cfg.dtype, cfg.on_error, "webdataset" in cfg.formats, cfg.direct_io)))
+                sources = [videos[k] for k, _, _ in shard["videos"]]
+                jobs.append(Job(shard["name"], len(sources), (tar_task, journal.staging, shard, sources, cfg.dtype,
+                                                             cfg.on_error, "webdataset" in cfg.formats, cfg.direct_io)))
     return jobs
 
 
+@dataclass(frozen=True)
+class Job:
+    """One task of the build: its journal name, the videos it covers (for the progress bar), the call."""
+    name: str
+    videos: int
+    call: tuple  # (function, *args) as run_tasks takes it
+
+
 def _run_jobs(client, journal, jobs, desc, cfg):
-    total = sum(len(call[3]) if call[0] is tar_task else len(call[5]) for _, call in jobs)
-    results = run_tasks(client, [call for _, call in jobs], desc, total, cfg.progress,
+    results = run_tasks(client, [job.call for job in jobs], desc, sum(job.videos for job in jobs), cfg.progress,
                         count=lambda r: r["count"], nbytes=lambda r: r["nbytes"])
-    for (name, _), record in zip(jobs, results):
-        journal.record(name, record)
+    for job, record in zip(jobs, results):
+        journal.record(job.name, record)
 
 
 def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
@@ -362,8 +370,8 @@ def _zarr_jobs(plan, journal, samples_by_phase, dim, cfg):
             first = int(np.searchsorted(offsets, start, side="right")) - 1
             last = int(np.searchsorted(offsets, stop, side="left"))
             pieces = [(videos[samples[i][0]], int(offsets[i])) for i in range(first, last)]
-            jobs.append((name, (zarr_task, journal.staging, store_rel, start, stop, pieces, dim, cfg.dtype,
-                                cfg.direct_io)))
+            jobs.append(Job(name, len(pieces), (zarr_task, journal.staging, store_rel, start, stop, pieces, dim,
+                                                cfg.dtype, cfg.direct_io)))
     return jobs, layouts
 
 

@@ -1,6 +1,7 @@
 """The work build-shards sends to dask workers: scan headers, write a tar shard, fill a Zarr shard range."""
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -10,18 +11,27 @@ from .source import load_video, read_ahead, scan_video
 from .tario import TarShardWriter, sample_digest
 
 
-def scan_batch(videos):
+@dataclass(frozen=True)
+class Scanned:
+    """A video whose four headers agree."""
+    units: int
+    dim: int
+
+
+def scan_batch(videos) -> list:
+    """Per video a Scanned, or the BadVideoError that names what is wrong (a value, not raised: the
+    caller decides whether it stops the build)."""
     results = []
     for v in videos:
         try:
-            results.append(("ok", scan_video(v)))
+            results.append(Scanned(*scan_video(v)))
         except BadVideoError as e:
-            results.append(("bad", (e.class_name, e.video, e.path, e.problem)))
+            results.append(e)
     return results
 
 
-def skip_record(class_name, video, path, problem):
-    return {"class": class_name, "video": video, "path": path, "reason": problem}
+def skip_record(e: BadVideoError) -> dict:
+    return {"class": e.class_name, "video": e.video, "path": e.path, "reason": e.problem}
 
 
 def tar_task(staging, shard, videos, dtype, on_error, write, direct=True):
@@ -35,7 +45,7 @@ def tar_task(staging, shard, videos, dtype, on_error, write, direct=True):
             except BadVideoError as e:
                 if on_error == "fail":
                     raise
-                skipped.append(skip_record(e.class_name, e.video, e.path, e.problem))
+                skipped.append(skip_record(e))
                 continue
             meta = sample_meta(label, v.class_name, v.video, arrays["lr_rgb"].shape[0], v.split, v.phase)
             entry = {"key": key, "label": label, "class": v.class_name, "video": v.video,

@@ -208,7 +208,8 @@ def make_folders(out: str, split: str, jobs, classes) -> None:
 
 
 def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
-    """Dask task: one video's clips, or ("bad", message) for a BadVideoError (to skip it).
+    """Dask task: one video's clips, or the BadVideoError that says why not (a value: the caller skips
+    the video or stops).
     shares_cores: the worker was started by this run, beside its C3D process."""
     import cv2
 
@@ -221,7 +222,7 @@ def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cor
     try:
         prepared = prepare_video(job.path, job.class_name, job.video, frame_options, raft)
     except BadVideoError as e:
-        return ("bad", e.problem)
+        return e
     prepared.job = job
     return prepared
 
@@ -361,11 +362,10 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
                     waited += time.perf_counter() - asked
                 if job is None:
                     break
-                if isinstance(result, tuple):  # ("bad", problem): --on-error fail stops here
-                    error = BadVideoError(job.class_name, job.video, job.path, result[1])
+                if isinstance(result, BadVideoError):  # --on-error fail stops here
                     if cfg.on_error == "fail":
-                        raise error
-                    journal.append({"id": job.id, "phase": job.phase, "skipped": str(error)})
+                        raise result
+                    journal.append({"id": job.id, "phase": job.phase, "skipped": str(result)})
                     bar.update(1)
                     continue
                 batcher.add(result)
