@@ -25,7 +25,7 @@ from elr.model import TwoStreamGRU
 from shards.build import BuildConfig, build_shards
 from shards.demo import DemoConfig, make_demo
 from shards.manifest import load_manifest
-from train.evaluate import merge, run_job
+from train.evaluate import EvalConfig, merge, run_job
 
 
 class SeedTestLayer(SeedDataLayer):
@@ -71,7 +71,7 @@ def main():
     for label, fmt in (("elr-eval run, Zarr (LR arrays only)", "zarr"), ("elr-eval run, tar shards", "webdataset")):
         warm(shards)
         t = time.perf_counter()
-        run_job(shards, ckpt, 1, 0, out, device="cpu", fmt=fmt)
+        run_job(EvalConfig(shards, ckpt, out, device="cpu", fmt=fmt))
         rows[label] = n_test / (time.perf_counter() - t)
     warm(root)
     t = time.perf_counter()

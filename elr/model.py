@@ -129,3 +129,15 @@ def load_weights(path: str) -> tuple:
 def export_seed_state_dict(model: TwoStreamGRU, path: str) -> None:
     """Save in the seed's format: a plain state_dict with rnn1.*, rnn2.*, classifier.* keys."""
     save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def score_batches(model, batches, device, amp: str = "off"):
+    """(batch, logits) of each LR batch (elr.data.batches) through `model`, in order, without gradients:
+    the scoring loop of training's test epochs and of elr-eval jobs."""
+    device = torch.device(device)
+    ctx = autocast(device.type, amp)
+    with torch.no_grad():
+        for b in batches:
+            with ctx:
+                logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(device), b["lr_flow"].to(device)))
+            yield b, logits

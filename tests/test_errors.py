@@ -90,7 +90,7 @@ def test_train_bad_shard_sets_and_folders(shards, tmp_path):
     ("--lr", "nan", "--lr must be a positive number, got nan"),
     ("--device", "gpu", "--device must be one of auto, cpu, cuda (or cuda:N), got 'gpu'"),
     ("--amp", "fp8", "--amp must be one of bf16, fp16, off, got 'fp8'"),
-    ("--epochs", "x", "argument --epochs: invalid int value: 'x'"),
+    ("--epochs", "x", "Invalid value for '--epochs': 'x' is not a valid integer."),
 ])
 def test_train_options_are_validated_before_any_work(flag, value, message, tmp_path, capsys):
     from train.ddp import main

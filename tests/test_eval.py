@@ -15,7 +15,7 @@ from elr.model import TwoStreamGRU, export_seed_state_dict, normalise_units
 from shards.manifest import load_manifest
 from shards.tario import iter_tar_samples
 from train.eval_cli import cli as main
-from train.evaluate import EvalError, merge, run_job, run_on_dask
+from train.evaluate import EvalConfig, EvalError, merge, run_job, run_on_dask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def checkpoint(built_master, tmp_path_factory):
 
 def jobs(shards, checkpoint, out, n, **kw):
     for i in range(n):
-        run_job(str(shards), checkpoint, n, i, str(out), device="cpu", **kw)
+        run_job(EvalConfig(str(shards), checkpoint, str(out), n, i, device="cpu", **kw))
     return merge(str(out))
 
 
@@ -74,7 +74,7 @@ def test_missing_duplicated_and_stale_parts_are_refused(built_master, checkpoint
         merge(str(out))
     assert str(err.value) == f"missing parts for jobs 2 of 3: expected {out}/part-00002-of-00003.npz"
 
-    run_job(str(built_master), checkpoint, 3, 2, str(out), device="cpu")  # re-running a job replaces its part
+    run_job(EvalConfig(str(built_master), checkpoint, str(out), 3, 2, device="cpu"))  # re-running a job replaces its part
     shutil.copy(out / "part-00001-of-00003.npz", out / "part-00001-of-00003-copy.npz")
     with pytest.raises(EvalError) as err:
         merge(str(out))
@@ -86,7 +86,7 @@ def test_missing_duplicated_and_stale_parts_are_refused(built_master, checkpoint
     blob = torch.load(checkpoint, weights_only=True)
     blob["model"]["classifier.bias"] += 1
     torch.save(blob, other)
-    run_job(str(built_master), str(other), 3, 1, str(out), device="cpu")
+    run_job(EvalConfig(str(built_master), str(other), str(out), 3, 1, device="cpu"))
     with pytest.raises(EvalError, match=r"part-00001-of-00003.npz: stale part: its checkpoint differs from "):
         merge(str(out))
 
@@ -101,8 +101,8 @@ def test_seed_format_checkpoint_evaluates(built_master, checkpoint, tmp_path):
 
 
 def test_dask_path(built_master, checkpoint, tmp_path, dask_client):
-    scores = run_on_dask(dask_client, 2, str(tmp_path / "dask"), shards=str(built_master), checkpoint=checkpoint,
-                         device="cpu")
+    scores = run_on_dask(dask_client, EvalConfig(str(built_master), checkpoint, str(tmp_path / "dask"), num_jobs=2,
+                                                 device="cpu"))
     assert scores["top1"] == jobs(built_master, checkpoint, tmp_path / "ref", 1)["top1"]
     assert sorted(os.listdir(tmp_path / "dask"))[:2] == ["confusion.png", "part-00000-of-00002.npz"]
 

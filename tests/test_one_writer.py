@@ -280,14 +280,14 @@ def test_eval_jobs_and_merges_exclude_each_other(built_master, tmp_path):
 def test_reruns_remove_dead_writers_temporary_files_and_nothing_else(built_master, tmp_path):
     from elr.model import TwoStreamGRU
     from shards.manifest import load_manifest
-    from train.evaluate import EvalError, merge, run_job
+    from train.evaluate import EvalConfig, EvalError, merge, run_job
 
     m = load_manifest(str(built_master))
     checkpoint = tmp_path / "last.pt"
     torch.save({"model": TwoStreamGRU(m["dim"], 8, len(m["classes"])).state_dict(), "classes": m["classes"]}, checkpoint)
     out = tmp_path / "eval"
     for job in (0, 1):
-        run_job(str(built_master), str(checkpoint), 2, job, str(out), device="cpu")
+        run_job(EvalConfig(str(built_master), str(checkpoint), str(out), 2, job, device="cpu"))
     stray = dead_temp(out / "part-00000-of-00002.npz")  # job 0 killed while re-writing its part
     mine = out / "notes.partial-keep"  # not a name this project makes
     mine.write_text("a user's file")
@@ -296,9 +296,9 @@ def test_reruns_remove_dead_writers_temporary_files_and_nothing_else(built_maste
     assert str(e.value) == (f"{stray}: a temporary file of a job killed while writing; re-run that job (it removes "
                             "it) or delete it")
     other = dead_temp(out / "part-00001-of-00002.npz")
-    run_job(str(built_master), str(checkpoint), 2, 0, str(out), device="cpu")  # the re-run removes its own only
+    run_job(EvalConfig(str(built_master), str(checkpoint), str(out), 2, 0, device="cpu"))  # the re-run removes its own only
     assert not os.path.exists(stray) and os.path.exists(other) and mine.exists()
-    run_job(str(built_master), str(checkpoint), 2, 1, str(out), device="cpu")
+    run_job(EvalConfig(str(built_master), str(checkpoint), str(out), 2, 1, device="cpu"))
     assert not os.path.exists(other)
     assert merge(str(out))["videos"] == 18
 

@@ -11,7 +11,6 @@ Defaults mirror the seed: RMSprop, lr 1e-3, global batch 256 sequences, 50 epoch
 and Validation (every video as an LR and an HR sequence through the same weights), testing on Test LR.
 """
 
-import argparse
 import functools
 import json
 import logging
@@ -23,6 +22,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 
+import click
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,9 +34,9 @@ try:
     from elr.data import input_fields, padded_units, phase_samples, phase_shards
     from elr.metrics import plot_curves, write_metrics
     from elr.model import AMP, DEVICES, TwoStreamGRU, autocast, check_device, export_seed_state_dict, model_inputs
-    from elr.model import resolve_device
+    from elr.model import resolve_device, score_batches
     from shards import remote
-    from shards.cli import error_text
+    from shards.cli import Reported, call, exit_on_error, run_command_line
     from shards.errors import ELRError, ShardCorruptError
     from shards.lock import OutputFolder
     from shards.manifest import load_manifest, manifest_digest
@@ -118,25 +118,19 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every entry point answers a mistake
-        self.exit(2, f"Error: {message}\n")
-
-
-def parse_args(argv=None) -> TrainConfig:
-    ap = _Parser(prog="elr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
+def config_options(command):
+    """A click option for every TrainConfig field, with its help and extra spellings."""
+    for f in reversed(fields(TrainConfig)):
         names = ["--" + flag(f.name), *f.metadata["flags"]]
-        if f.type is bool or isinstance(f.default, bool):
-            action = "store_true" if f.name == "quiet" else argparse.BooleanOptionalAction
-            ap.add_argument(*names, dest=f.name, action=action, default=f.default, help=f.metadata["help"])
+        if f.name == "quiet":
+            command = click.option(*names, f.name, is_flag=True, help=f.metadata["help"])(command)
+        elif isinstance(f.default, bool):
+            command = click.option(f"--{flag(f.name)}/--no-{flag(f.name)}", f.name, default=f.default,
+                                   show_default=True, help=f.metadata["help"])(command)
         else:
-            ap.add_argument(*names, dest=f.name, type=type(f.default), default=f.default,
-                            help=f"{f.metadata['help']} (default: %(default)s)")
-    try:
-        return TrainConfig(**vars(ap.parse_args(argv)))
-    except ValueError as e:
-        ap.error(str(e))
+            command = click.option(*names, f.name, type=type(f.default), default=f.default, show_default=True,
+                                   help=f.metadata["help"])(command)
+    return command
 
 
 def log(msg: str) -> None:
@@ -372,17 +366,13 @@ class Trainer:
     def evaluate(self) -> float:
         """LR top-1 accuracy on the test phase, each rank scoring every world-th shard."""
         setup, model = self.setup, self.model
-        ctx = autocast(setup.device.type, self.cfg.amp)
         counts = torch.zeros(2, dtype=torch.int64, device=setup.device)  # correct, total
         model.eval()
-        with torch.no_grad():
-            samples = phase_samples(self.manifest, self.cfg.shards, self.cfg.split, "Test", setup.rank, setup.world,
-                                    LR, fmt="webdataset")
-            for b in batches(samples, LR, 64):
-                with ctx:
-                    logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(setup.device), b["lr_flow"].to(setup.device)))
-                counts[0] += (logits.argmax(1) == b["labels"].to(setup.device)).sum()
-                counts[1] += len(b["labels"])
+        samples = phase_samples(self.manifest, self.cfg.shards, self.cfg.split, "Test", setup.rank, setup.world,
+                                LR, fmt="webdataset")
+        for b, logits in score_batches(model, batches(samples, LR, 64), setup.device, self.cfg.amp):
+            counts[0] += (logits.argmax(1) == b["labels"].to(setup.device)).sum()
+            counts[1] += len(b["labels"])
         model.train()
         if setup.world > 1:
             dist.all_reduce(counts)
@@ -496,11 +486,6 @@ def epoch_record(cfg: TrainConfig, epoch: int, trainer: Trainer, stats: EpochSta
 # ---- launching and the error boundary ---------------------------------------------------------
 
 
-def fail(message: str, code: int = 1):
-    print(f"Error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def first_to_fail() -> bool:
     """Whether this worker is the first of its launch on this machine to report an error (torchrun and
     --nproc give the workers of one attempt a common log folder): ranks that fail together, each
@@ -518,26 +503,25 @@ def first_to_fail() -> bool:
         return True
 
 
-def run_reporting_errors(cfg: TrainConfig, fn):
-    """fn(cfg), with a user's mistake (bad input, a full disk, an unreachable URL) as one `Error:` line and
-    exit status 1, printed once per launch on each machine."""
+def guarded(fn, cfg: TrainConfig):
+    """fn(cfg) inside the project's error boundary (shards.cli.call), printed once per launch on each
+    machine: a rank stopped by another rank's failure says nothing where that one says why."""
     try:
-        return fn(cfg)
-    except (ELRError, ValueError, OSError) as e:
-        message = error_text(e)
-    except dist.DistError:  # a collective broke: another rank failed, and says why
+        return call(fn, cfg)
+    except dist.DistError:  # a collective broke: another rank failed
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            sys.exit(1)
-        message = f"rank {os.environ.get('RANK', 0)}: stopped because another process of the run failed"
-    except KeyboardInterrupt:
-        message = "interrupted"
-    if not first_to_fail():
-        sys.exit(1)
-    fail(message)
+            raise Reported() from None
+        raise click.ClickException(f"rank {os.environ.get('RANK', 0)}: stopped because another process of the "
+                                   "run failed") from None
+    except click.ClickException:
+        if not first_to_fail():
+            raise Reported() from None
+        raise
 
 
 def _worker(config: dict):
-    return run_reporting_errors(TrainConfig(**config), functools.partial(train, folder_held=True))
+    cfg = TrainConfig(**config)
+    return exit_on_error(lambda: guarded(functools.partial(train, folder_held=True), cfg))
 
 
 def launch_local(cfg: TrainConfig):
@@ -565,20 +549,32 @@ def _launch(cfg: TrainConfig):
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {1}:
-            sys.exit(1)  # each failed worker printed its Error line
+            raise Reported() from None  # the failed workers printed their Error line
         rank, failure = min(e.failures.items())
-        fail(f"training process of rank {rank} died ({failure.signal_name() if failure.exitcode < 0 else f'exit code {failure.exitcode}'})")
+        died = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        raise click.ClickException(f"training process of rank {rank} died ({died})") from None
     return results[0]
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        result = run_reporting_errors(cfg, launch_local)
-    else:
-        result = run_reporting_errors(cfg, train)
+@click.command("elr-train", help=__doc__.replace("\nexamples:\n", "\n\b\nexamples:\n", 1),
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@config_options
+def cli(**options):
+    try:  # checked before any work: a bad value is a usage mistake (exit 2)
+        cfg = TrainConfig(**options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    launch = cfg.nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1
+    result = guarded(launch_local if launch else train, cfg)
     if int(os.environ.get("RANK", 0)) == 0 and result.get("test_acc") is not None:
         print(json.dumps({"test_acc": result["test_acc"], "epoch": result.get("epoch")}))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun train/ddp.py -- --nproc 4` passes the separator on
+        argv = argv[1:]
+    run_command_line(cli, argv, prog_name="elr-train")  # also when run as train/ddp.py or under torchrun
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import os
 import click
 
 from shards.cli import call, run_command_line
-from train.evaluate import job_index_from_env, merge, run_and_merge, run_job, run_on_dask
+from train.evaluate import EvalConfig, job_index_from_env, merge, run_eval
 from train.report import format_table
 
 
@@ -49,38 +49,19 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
       elr-eval run --checkpoint runs/elr/last.pt --out eval/                 # one job, then merge
       elr-eval run --checkpoint model.pth --num-jobs 4 --job-index 2 --out eval/
     """
-    args = dict(shards=shards, checkpoint=checkpoint, device=device, amp=amp, fmt=fmt, split=split, phase=phase,
-                batch=batch_size)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if scheduler:
-        from shards.parallel import dask_client
-
-        with dask_client(scheduler=scheduler) as client:
-            scores = call(run_on_dask, client, num_jobs, out, **args)
-        click.echo(format_table(scores, out))
-        return
-    if world > 1:  # under torchrun: ranks are the jobs, rank 0 merges once all parts are written
-        import torch.distributed as dist
-
-        rank = int(os.environ["RANK"])
-        dist.init_process_group("gloo")
-        call(run_job, num_jobs=world, job_index=rank, out=out, **args)
-        dist.barrier()
-        if rank == 0:
-            click.echo(format_table(call(merge, out, shards), out))
-        dist.destroy_process_group()
-        return
     if job_index is None:
         job_index = job_index_from_env()
     if job_index is None:
-        if num_jobs > 1:
+        if num_jobs > 1 and not scheduler and int(os.environ.get("WORLD_SIZE", 1)) == 1:
             raise click.UsageError("--job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)")
         job_index = 0
-    if num_jobs == 1:
-        click.echo(format_table(call(run_and_merge, out, job_index=job_index, **args), out))
-        return
-    path = call(run_job, num_jobs=num_jobs, job_index=job_index, out=out, **args)
-    click.echo(f"wrote {path}", err=True)
+    cfg = call(EvalConfig, shards=shards, checkpoint=checkpoint, out=out, num_jobs=num_jobs, job_index=job_index,
+               device=device, amp=amp, fmt=fmt, split=split, phase=phase, batch=batch_size)
+    result = call(run_eval, cfg, scheduler)
+    if isinstance(result, dict):
+        click.echo(format_table(result, out))
+    elif result:
+        click.echo(f"wrote {result}", err=True)
 
 
 @cli.command("merge")

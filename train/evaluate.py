@@ -9,12 +9,11 @@ import glob
 import json
 import os
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
-
 from elr.data import batches, phase_samples
-from elr.model import autocast, load_weights, model_inputs, resolve_device
+from elr.model import load_weights, resolve_device, score_batches
 from shards.atomic import atomic_write, remove_dead_temps, temp_files
 from shards.errors import ELRError
 from shards.lock import FileLock, OutputBusyError, hold_output, is_held, lock_path, read_holder
@@ -51,52 +50,65 @@ def job_locks(out: str, part: str, hold_folder: bool):
         yield
 
 
-def run_job(shards: str, checkpoint: str, num_jobs: int, job_index: int, out: str, device: str = "auto",
-            amp: str = "off", fmt: str = "auto", split: str = "Split1", phase: str = "Test", batch: int = 64,
-            hold_folder: bool = True) -> str:
-    """Score job `job_index` of `num_jobs` and write its part; returns the part's path."""
+@dataclass
+class EvalConfig:
+    """One evaluation job: which checkpoint, on which share of which phase, written where."""
+    shards: str  # the shard set: a folder or any fsspec URL
+    checkpoint: str  # a train/ddp.py checkpoint or a seed state_dict (.pth)
+    out: str  # folder of the parts and reports
+    num_jobs: int = 1  # jobs sharing the phase
+    job_index: int = 0  # this job
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    amp: str = "off"  # off, bf16 or fp16
+    fmt: str = "auto"  # auto (Zarr where there is a local copy), zarr or webdataset
+    split: str = "Split1"
+    phase: str = "Test"
+    batch: int = 64  # videos per forward pass
+
+    def __post_init__(self):
+        if self.num_jobs < 1:
+            raise ValueError(f"--num-jobs must be >= 1, got {self.num_jobs}")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise EvalError(f"--job-index {self.job_index} is out of range for {self.num_jobs} jobs "
+                            f"(0..{self.num_jobs - 1})")
+        if self.batch < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch}")
+
+    @property
+    def part(self) -> str:
+        return part_path(self.out, self.job_index, self.num_jobs)
+
+
+def run_job(cfg: EvalConfig, hold_folder: bool = True) -> str:
+    """Score job `cfg.job_index` of `cfg.num_jobs` and write its part; returns the part's path."""
     keep_freed_memory()
-    if not 0 <= job_index < num_jobs:
-        raise EvalError(f"--job-index {job_index} is out of range for {num_jobs} jobs (0..{num_jobs - 1})")
-    if batch < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch}")
-    manifest = load_manifest(shards, samples=False)  # the job reads its shards, not the sample tables
-    dev = resolve_device(device)
-    model, classes = load_weights(checkpoint)
+    manifest = load_manifest(cfg.shards, samples=False)  # the job reads its shards, not the sample tables
+    dev = resolve_device(cfg.device)
+    model, classes = load_weights(cfg.checkpoint)
     if classes is not None and classes != manifest["classes"]:
-        raise EvalError(f"{checkpoint}: its classes differ from those of {shards}")
+        raise EvalError(f"{cfg.checkpoint}: its classes differ from those of {cfg.shards}")
     if model.classifier.out_features != len(manifest["classes"]) or model.rnn1.input_size != manifest["dim"]:
-        raise EvalError(f"{checkpoint}: model has {model.classifier.out_features} classes and input dim "
+        raise EvalError(f"{cfg.checkpoint}: model has {model.classifier.out_features} classes and input dim "
                         f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
-    path = part_path(out, job_index, num_jobs)
-    with job_locks(out, path, hold_folder):  # after the checks: a mistake leaves no folder behind
-        _score_job(manifest, model.to(dev).eval(), dev, shards, checkpoint, num_jobs, job_index, path, amp, fmt,
-                   split, phase, batch)
-    return path
-
-
-def _score_job(manifest, model, dev, shards, checkpoint, num_jobs, job_index, path, amp, fmt, split, phase,
-               batch) -> None:
-    ctx = autocast(dev.type, amp)
-    keys, labels, logits = [], [], []
-    with torch.no_grad():
-        samples = phase_samples(manifest, shards, split, phase, job_index, num_jobs, LR, fmt)
-        for b in batches(samples, LR, batch):
-            with ctx:
-                out_logits = model(*model_inputs(b["lengths"], b["lr_rgb"].to(dev), b["lr_flow"].to(dev)))
+    with job_locks(cfg.out, cfg.part, hold_folder):  # after the checks: a mistake leaves no folder behind
+        keys, labels, logits = [], [], []
+        samples = phase_samples(manifest, cfg.shards, cfg.split, cfg.phase, cfg.job_index, cfg.num_jobs, LR, cfg.fmt)
+        for b, out_logits in score_batches(model.to(dev).eval(), batches(samples, LR, cfg.batch), dev, cfg.amp):
             keys += b["keys"]
             labels.append(b["labels"].numpy())
             logits.append(out_logits.float().cpu().numpy())
-    stamp = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
-             "manifest_sha256": manifest_digest(manifest), "shards": shards, "split": split, "phase": phase,
-             "job_index": job_index, "num_jobs": num_jobs, "classes": manifest["classes"]}
-    n_classes = len(manifest["classes"])
-    arrays = {"keys": np.array(keys, dtype=str),
-              "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
-              "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
-              "stamp": np.array(json.dumps(stamp, sort_keys=True))}
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        stamp = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha256": file_sha256(cfg.checkpoint),
+                 "manifest_sha256": manifest_digest(manifest), "shards": cfg.shards, "split": cfg.split,
+                 "phase": cfg.phase, "job_index": cfg.job_index, "num_jobs": cfg.num_jobs,
+                 "classes": manifest["classes"]}
+        n_classes = len(manifest["classes"])
+        arrays = {"keys": np.array(keys, dtype=str),
+                  "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                  "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
+                  "stamp": np.array(json.dumps(stamp, sort_keys=True))}
+        with atomic_write(cfg.part) as f:
+            np.savez(f, **arrays)
+    return cfg.part
 
 
 def read_part(path: str) -> dict:
@@ -196,19 +208,49 @@ def hold_eval_folder(folder: str, command: str):
         lock.release()
 
 
-def run_on_dask(client, num_jobs: int, out: str, **job_args) -> dict:
-    """All jobs as dask tasks, then the merge."""
+def run_on_dask(client, cfg: EvalConfig) -> dict:
+    """All cfg.num_jobs jobs as dask tasks, then the merge."""
     from shards.parallel import run_tasks
 
-    with hold_eval_folder(out, "elr-eval run"):
-        calls = [(functools.partial(run_job, num_jobs=num_jobs, job_index=i, out=out, hold_folder=False, **job_args),)
-                 for i in range(num_jobs)]
-        run_tasks(client, calls, "eval jobs", num_jobs, progress=False, unit="job")
-        return merge(out, job_args["shards"], hold_folder=False)
+    with hold_eval_folder(cfg.out, "elr-eval run"):
+        calls = [(functools.partial(run_job, replace(cfg, job_index=i), hold_folder=False),) for i in range(cfg.num_jobs)]
+        run_tasks(client, calls, "eval jobs", cfg.num_jobs, progress=False, unit="job")
+        return merge(cfg.out, cfg.shards, hold_folder=False)
 
 
-def run_and_merge(out: str, job_index: int = 0, **job_args) -> dict:
+def run_and_merge(cfg: EvalConfig) -> dict:
     """One job over the whole phase, then the merge, holding the folder throughout."""
-    with hold_eval_folder(out, "elr-eval run"):
-        run_job(num_jobs=1, job_index=job_index, out=out, hold_folder=False, **job_args)
-        return merge(out, job_args["shards"], hold_folder=False)
+    with hold_eval_folder(cfg.out, "elr-eval run"):
+        run_job(cfg, hold_folder=False)
+        return merge(cfg.out, cfg.shards, hold_folder=False)
+
+
+def run_as_ranks(cfg: EvalConfig) -> dict | None:
+    """Under torchrun: every rank is a job, rank 0 merges once all parts are written; returns the
+    scores on rank 0."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    try:
+        run_job(replace(cfg, num_jobs=world, job_index=rank))
+        dist.barrier()
+        return merge(cfg.out, cfg.shards) if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def run_eval(cfg: EvalConfig, scheduler: str | None = None):
+    """Run as asked or as launched: every job as a task of a dask scheduler, torchrun's ranks as the
+    jobs, or the one job `cfg` names (merging when it is the only one). Returns the scores where the
+    merge ran here, else the part written (or None on a rank other than 0)."""
+    if scheduler:
+        from shards.parallel import dask_client
+
+        with dask_client(scheduler=scheduler) as client:
+            return run_on_dask(client, cfg)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return run_as_ranks(cfg)
+    if cfg.num_jobs == 1:
+        return run_and_merge(cfg)
+    return run_job(cfg)
