@@ -6,6 +6,16 @@
      "hr_rgb": (units, dim) array, "lr_rgb": ..., "hr_flow": ..., "lr_flow": ...}  # those asked for
 
 A reader asked for some streams only (the LR ones, say) leaves the others out.
+
+One optional field says where a sample's bytes lie, for loaders that hand places instead of bytes
+between processes (elr.data.handoff): a sample decoded from a local tar shard on the fast path
+(shards.tario.SampleTable: every member of a stream shares one .npy layout, as build-shards writes)
+also holds
+
+     "__at__": ((path, (inode, size, mtime_ns)), [byte offset of each stream's array in that file])
+
+with the offsets in the order of the streams asked for. Samples of remote shards, of Zarr stores and
+of tars with mixed layouts have no "__at__"; nothing else may rely on it.
 """
 
 # Stream field -> folder suffix in the seed's layout: <Phase>_<suffix>/<class>/<video>.npy

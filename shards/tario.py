@@ -1,111 +1,18 @@
-"""WebDataset tar shards: a deterministic writer and a chain of small streaming readers."""
+"""Reading WebDataset tar shards: a chain of small streaming stages, local (mapped, shards.mapcache) or
+remote (range reads, shards.remote). The writer is shards.tarwrite."""
 
 import json
 import mmap
 import os
 import tarfile
-import zlib
 
 import numpy as np
 
 from . import remote
-from .atomic import remove_quietly, temp_path
-from .directio import DirectFile
 from .errors import ShardCorruptError
-from .npyio import NpyFormatError, npy_from_bytes, npy_layout, npy_parts
+from .mapcache import SHARD_CACHE
+from .npyio import NpyFormatError, npy_from_bytes, npy_layout
 from .schema import STREAMS
-
-
-def sample_digest(arrays: dict) -> str:
-    """CRC32 over the four arrays' bytes in stream order: a cheap identity shared by tar and Zarr copies."""
-    crc = 0
-    for stream in STREAMS:
-        crc = zlib.crc32(np.ascontiguousarray(arrays[stream]).data, crc)
-    return f"{crc:08x}"
-
-
-def _ustar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
-    return info
-
-
-# Every member header is the same but for name, size and checksum: the stdlib builds it once (so the
-# other fields are exactly what tarfile writes) and each member patches three fields in (tobuf took
-# 60 us a member, a tenth of a small video's build time).
-_USTAR = bytearray(_ustar_info("", 0).tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
-_USTAR[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """The USTAR header block tarfile writes for a member `name` of `size` bytes (mode 0444, mtime 0)."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100 or size >= 8 ** 11:  # a split name (prefix field) or a huge size: tarfile's own way
-        return _ustar_info(name, size).tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    buf = bytearray(_USTAR)
-    buf[:len(raw)] = raw
-    buf[124:136] = b"%011o\0" % size
-    buf[148:155] = b"%06o\0" % sum(buf)
-    return bytes(buf)
-
-
-class TarShardWriter:
-    """Write one tar shard under a temporary name; `close()` (or a clean `with` exit) renames it into place.
-
-    Members are written directly: a 512-byte USTAR header (`ustar_header`), then array bytes from the
-    array's own buffer to a DirectFile, which hashes what it writes (tarfile's stream layer copied every
-    byte several times; the page cache cost more than all the rest, see directio).
-    Fixed metadata (mtime 0, mode 0444, no owner names) and a fixed member order make the bytes a
-    function of the samples alone. The result is a plain tar that `tar`, tarfile and webdataset read.
-    """
-
-    def __init__(self, path: str, direct: bool = True):
-        self.path, self.tmp = path, temp_path(path)
-        self._file = DirectFile(self.tmp, direct, name=path)  # hashes and counts what it writes
-        self.n_samples, self.info = 0, None
-
-    def _member(self, name: str, parts: list) -> None:
-        size = sum(len(p) for p in parts)
-        self._file.write(ustar_header(name, size))
-        for part in parts:
-            self._file.write(part)
-        if size % tarfile.BLOCKSIZE:
-            self._file.write(bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
-
-    def write(self, key: str, arrays: dict, meta: dict) -> tuple:
-        """Append one sample; returns its (offset, bytes) in the shard: what a range read fetches."""
-        start = self._file.nbytes
-        members = {f"{stream}.npy": npy_parts(arrays[stream]) for stream in STREAMS}
-        members["json"] = [json.dumps(meta, sort_keys=True).encode()]
-        for field in sorted(members):  # the order webdataset's TarWriter uses
-            self._member(f"{key}.{field}", members[field])
-        self.n_samples += 1
-        return start, self._file.nbytes - start
-
-    def close(self) -> dict:
-        """Finish the archive and rename it into place; returns its bytes, sha256 and sample count."""
-        if self.info is not None:
-            return self.info
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-        if self._file.nbytes % tarfile.RECORDSIZE:  # pad to a whole record, as tar and tarfile do
-            self._file.write(bytes(tarfile.RECORDSIZE - self._file.nbytes % tarfile.RECORDSIZE))
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        self.info = {"bytes": self._file.nbytes, "sha256": self._file.sha256.hexdigest(), "samples": self.n_samples}
-        return self.info
-
-    def abort(self) -> None:
-        self._file.abandon()
-        remove_quietly(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type:
-            self.abort()
-        else:
-            self.close()
 
 
 # Reading: open -> members -> samples (grouped) -> decoded dicts. Each stage names the shard in its errors.
@@ -175,15 +82,6 @@ def iter_mapped_members(path: str, name: str | None = None):
         yield member, view[start:start + length]
 
 
-_MAPPED: dict = {}  # path -> (identity, view, SampleTable); see mapped_samples
-_MAPPED_KEPT = 1024  # shards kept mapped per process
-# Decoded samples a process keeps for its next epochs (a training stream reads the same videos every
-# epoch; decoding them again was 13% of a warm epoch at HMDB51's size). ~1.9 KB each (a dict, its
-# metadata, four array views of the map): 16,384 are ~32 MB, every video of HMDB51 or UCF101's splits.
-DECODED_KEPT = 16384
-_decoded_kept = 0  # how many the kept tables hold now
-
-
 class SampleTable:
     """Where each sample's members lie in a mapped shard: keys, and every field's (start, length).
 
@@ -191,7 +89,7 @@ class SampleTable:
     a sample with five fields, so a rank that has read every shard of a million videos holds ~60 MB;
     the dicts this replaced took ~800 bytes a sample. Other shards keep their samples' dicts."""
 
-    def __init__(self, samples: list):
+    def __init__(self, samples: list, cache=None):
         self.fields = tuple(f for f in samples[0] if f != "__key__") if samples else ()
         uniform = bool(samples) and all(len(s) == len(self.fields) + 1 and all(f in s for f in self.fields)
                                         for s in samples)
@@ -205,7 +103,8 @@ class SampleTable:
 
         self._arrays = {}  # field -> (data offset, dtype, dim) shared by all its members, or None
         self._kept = {}  # streams -> [decoded sample or None], for decoded(keep=True)
-        self.kept_samples = 0  # of the process's DECODED_KEPT
+        self.kept_samples = 0  # of its cache's decoded budget
+        self.cache = cache  # the MappedShards that owns the budget
 
     def __len__(self):
         return len(self.rows) if self.rows is not None else len(self.keys)
@@ -236,18 +135,18 @@ class SampleTable:
         header per member (later epochs: a third of decode_sample's time), and each sample also holds
         "__at__": (file, the streams' byte offsets in it), where `file` names the mapped file.
 
-        keep=True (on that fast path): samples are kept with the table, within DECODED_KEPT per
-        process, and the same objects are handed out again on later calls: callers must not change them."""
+        keep=True (on that fast path, in a table of a cache): samples are kept with the table, within the
+        cache's budget, and the same objects are handed out again on later calls: callers must not
+        change them."""
         layouts = [self._array_layout(view, f"{s}.npy") for s in streams]
         if not all(layouts) or "json" not in self.fields:
             for raw in self.samples(view, skip, take):
                 yield decode_sample(raw, name, streams)
             return
         end = len(self) if take is None else min(len(self), skip + take)
-        if not keep:
+        if not keep or self.cache is None:
             yield from self._decode_rows(view, skip, end, name, streams, file, layouts)
             return
-        global _decoded_kept
         kept = self._kept.setdefault(tuple(streams), [None] * len(self))
         i = skip
         while i < end:
@@ -259,10 +158,9 @@ class SampleTable:
             while j < end and kept[j] is None:
                 j += 1
             for k, sample in enumerate(self._decode_rows(view, i, j, name, streams, file, layouts), i):
-                if _decoded_kept < DECODED_KEPT:
+                if self.cache.reserve_decoded():
                     kept[k] = sample
                     self.kept_samples += 1
-                    _decoded_kept += 1
                 yield sample
             i = j
 
@@ -296,49 +194,34 @@ class SampleTable:
             yield sample
 
 
+def _parse_shard(path: str, name: str, cache) -> tuple:
+    """(view, identity, SampleTable) of a local tar, for SHARD_CACHE."""
+    view, identity = _map(path, name)
+    spans = ((member, (start, length)) for member, start, length in _member_spans(view, name))
+    return view, identity, SampleTable(list(group_samples(spans, name)), cache)
+
+
 def _mapped_shard(path: str, name: str) -> tuple:
-    """(view, SampleTable) of a local tar, mapped and parsed once per process and file version.
-
-    A shard rewritten since (another inode, size or mtime) is mapped and parsed again."""
-    st = os.stat(path)
-    kept = _MAPPED.get(path)
-    if kept is None or kept[0] != (st.st_ino, st.st_size, st.st_mtime_ns):
-        view, identity = _map(path, name)
-        spans = ((member, (start, length)) for member, start, length in _member_spans(view, name))
-        kept = (identity, view, SampleTable(list(group_samples(spans, name))))
-        _forget(path)
-        if len(_MAPPED) >= _MAPPED_KEPT:
-            _forget(next(iter(_MAPPED)))  # the oldest
-        _MAPPED[path] = kept
-    return kept[1], kept[2]
-
-
-def _forget(path: str) -> None:
-    """Drop one kept map and table, and give its kept samples' room back."""
-    global _decoded_kept
-    kept = _MAPPED.pop(path, None)
-    if kept is not None:
-        _decoded_kept -= kept[2].kept_samples
+    """(identity, view, SampleTable) of a local tar, mapped and parsed once per process and file version."""
+    return SHARD_CACHE.get(path, name, _parse_shard)
 
 
 def forget_mapped_shards() -> None:
     """Drop the kept maps, tables and decoded samples: the next read maps and parses again, and pages
     no map holds can leave the page cache (a benchmark calls this before timing a cold read)."""
-    for path in list(_MAPPED):
-        _forget(path)
+    SHARD_CACHE.forget_all()
 
 
 def mapped_bytes(file: tuple) -> np.ndarray:
     """The kept map of a local shard, as read-only bytes; `file` is the (path, identity) of a decoded
     sample's "__at__", and the file must still be the one it names (not rewritten since)."""
     path, identity = file
-    kept = _MAPPED.get(path)
-    if kept is not None and kept[0] == identity:  # the worker has just checked the file: no stat again
-        return np.frombuffer(kept[1], np.uint8)
-    view = _mapped_shard(path, path)[0]
-    if _MAPPED[path][0] != identity:
-        raise ShardCorruptError(f"{path}: rewritten while it was being read")
-    return np.frombuffer(view, np.uint8)
+    kept = SHARD_CACHE.kept(path)
+    if kept is None or kept[0] != identity:  # else the worker has just checked the file: no stat again
+        kept = _mapped_shard(path, path)
+        if kept[0] != identity:
+            raise ShardCorruptError(f"{path}: rewritten while it was being read")
+    return np.frombuffer(kept[1], np.uint8)
 
 
 def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int | None = None):
@@ -347,7 +230,7 @@ def mapped_samples(path: str, name: str | None = None, skip: int = 0, take: int 
     A shard's tar headers are parsed on its first read in this process, and its map is kept: streams
     that start mid-shard skip samples without reading them, and later epochs parse and map nothing
     (the page tables stay filled)."""
-    view, table = _mapped_shard(path, name or path)
+    _, view, table = _mapped_shard(path, name or path)
     yield from table.samples(view, skip, take)
 
 
@@ -453,8 +336,8 @@ def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans
             yield decode_sample(raw, url, fields)
     else:
         path = _local_path(url)
-        view, table = _mapped_shard(path, url)
-        yield from table.decoded(view, skip, take, url, fields, (path, _MAPPED[path][0]), keep)
+        identity, view, table = _mapped_shard(path, url)
+        yield from table.decoded(view, skip, take, url, fields, (path, identity), keep)
 
 
 def iter_tar_samples(url: str, fields=tuple(STREAMS)):

@@ -8,7 +8,7 @@ import numpy as np
 from .errors import BadVideoError
 from .schema import STREAMS, sample_meta
 from .source import load_video, read_ahead, scan_video
-from .tario import TarShardWriter, sample_digest
+from .tarwrite import TarShardWriter, sample_digest
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from .manifest import encode_table, file_sha256, iter_phases, load_manifest, unl
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
 from .source import SourceVideo, discover, load_video
-from .tario import decode_sample, group_samples, iter_mapped_members, sample_digest
+from .tario import decode_sample, group_samples, iter_mapped_members
+from .tarwrite import sample_digest
 
 
 def _check_arrays(sample, where, dim, dtype, fields=tuple(STREAMS)):

@@ -12,7 +12,7 @@ from elr.data import phase_shards
 from shards.manifest import load_manifest, manifest_digest
 from shards.tario import decode_sample, iter_raw_samples
 from shards.schema import STREAMS
-from shards.tario import TarShardWriter
+from shards.tarwrite import TarShardWriter
 
 
 @pytest.fixture(scope="module")

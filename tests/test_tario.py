@@ -74,11 +74,11 @@ def test_mapped_samples_skip_take_and_a_rewritten_shard_is_read_again(tmp_path):
     assert as_bytes(mapped_samples(path, "c.tar", skip=1, take=2)) == every[1:3]
     assert as_bytes(mapped_samples(path, "c.tar", skip=4)) == every[4:]
     from shards.tario import _mapped_shard
-    table = _mapped_shard(path, "c.tar")[1]  # what a process keeps per shard: arrays, ~60 bytes a sample
+    table = _mapped_shard(path, "c.tar")[2]  # what a process keeps per shard: arrays, ~60 bytes a sample
     assert table.rows is None and table.spans.dtype == np.uint32 and table.spans.shape == (5, 2, 2)
     assert table.keys.dtype.kind == "S" and len(table) == 5
     uneven = write_tar(str(tmp_path / "e.tar"), tarfile.USTAR_FORMAT, {"a.json": b"1", "a.x": b"2", "b.json": b"3"})
-    assert _mapped_shard(uneven, "e.tar")[1].rows is not None  # samples with other fields keep their dicts
+    assert _mapped_shard(uneven, "e.tar")[2].rows is not None  # samples with other fields keep their dicts
     assert as_bytes(mapped_samples(uneven, "e.tar", skip=1)) == [{"__key__": "b", "json": b"3"}]
     # the writer replaces shards by rename: a new file at the same path is parsed again, not served from the table
     rewritten = write_tar(str(tmp_path / "d.tar"), tarfile.USTAR_FORMAT, {"z.json": b"{}"})
@@ -128,40 +128,41 @@ def test_decoded_samples_equal_decode_sample_on_the_fast_path_and_off_it(tmp_pat
         got = list(iter_decoded_samples(path, skip, take, fields=fields))
         assert as_compared(got) == as_compared(expected) and len(got) == len(arrays["lr_rgb"][skip:][:take])
         assert all(not s["lr_rgb"].flags.writeable for s in got)  # views of the read-only map
-    table = _mapped_shard(path, path)[1]
+    table = _mapped_shard(path, path)[2]
     assert table._arrays["hr_rgb.npy"] == (128, np.dtype("<f4"), 8)  # fast path
     assert table._arrays["lr_rgb.npy"] == (None if odd_one else (128, np.dtype("<f4"), 8))
 
 
 def test_kept_samples_are_decoded_once_within_the_budget_and_equal_a_fresh_decode(tmp_path, monkeypatch):
-    """keep=True hands out the same sample objects on later reads, up to DECODED_KEPT per process; past
+    """keep=True hands out the same sample objects on later reads, up to the process cache's budget; past
     it samples are decoded afresh; a rewritten shard and forget_mapped_shards give the room back."""
     from shards import tario
+    from shards.mapcache import SHARD_CACHE
 
     forget_mapped_shards()  # other tests' kept samples out of the count
-    monkeypatch.setattr(tario, "DECODED_KEPT", 3)
+    monkeypatch.setattr(SHARD_CACHE, "max_decoded", 3)
     fields = ("lr_rgb", "hr_rgb")
     rng = np.random.default_rng(5)
     path = write_tar(str(tmp_path / "s.tar"), tarfile.USTAR_FORMAT, sample_members(
         {f: [rng.standard_normal((units, 8)).astype(np.float32) for units in (1, 4, 2, 7, 3)] for f in fields}))
 
     first = list(tario.iter_decoded_samples(path, 1, 3, fields=fields, keep=True))
-    assert [s["__key__"] for s in first] == ["k001", "k002", "k003"] and tario._decoded_kept == 3
+    assert [s["__key__"] for s in first] == ["k001", "k002", "k003"] and SHARD_CACHE.decoded == 3
     again = list(tario.iter_decoded_samples(path, fields=fields, keep=True))
     fresh = list(tario.iter_decoded_samples(path, fields=fields))
     assert as_compared(again) == as_compared(fresh) and len(again) == 5
     assert [a is b for a, b in zip(again, [None, *first, None])] == [False, True, True, True, False]
     assert all(a is not b for a, b in zip(fresh, again))  # keep=False never hands out kept samples
-    assert tario._decoded_kept == 3  # the budget was full: k000 and k004 were not kept
+    assert SHARD_CACHE.decoded == 3  # the budget was full: k000 and k004 were not kept
 
     other = {f: [np.full((units, 8), 9.0, np.float32) for units in (2, 2, 5)] for f in fields}
     write_tar(path, tarfile.USTAR_FORMAT, sample_members(other))  # rewritten: another size
     rewritten = list(tario.iter_decoded_samples(path, fields=fields, keep=True))
     assert [s["lr_rgb"].shape[0] for s in rewritten] == [2, 2, 5] and all((s["hr_rgb"] == 9).all() for s in rewritten)
-    assert tario._decoded_kept == 3  # the old table's three given back, the new one's kept
+    assert SHARD_CACHE.decoded == 3  # the old table's three given back, the new one's kept
     assert all(a is b for a, b in zip(rewritten, tario.iter_decoded_samples(path, fields=fields, keep=True)))
     forget_mapped_shards()
-    assert tario._decoded_kept == 0
+    assert SHARD_CACHE.decoded == 0
 
 
 @pytest.mark.parametrize("text", [b'{"label": 3, "video": "v\\u00e9"}', b' {"label": 3}\n', b"[1, 2]", b"7",
@@ -197,7 +198,8 @@ def test_writer_publishes_on_a_clean_with_exit_and_leaves_nothing_on_an_error(tm
     import numpy as np
 
     from shards.schema import STREAMS
-    from shards.tario import TarShardWriter, iter_tar_samples
+    from shards.tario import iter_tar_samples
+    from shards.tarwrite import TarShardWriter
 
     arrays = {s: np.ones((2, 4), np.float32) * i for i, s in enumerate(STREAMS)}
     with TarShardWriter(str(tmp_path / "a.tar")) as w:
@@ -215,7 +217,7 @@ def test_writer_publishes_on_a_clean_with_exit_and_leaves_nothing_on_an_error(tm
 @pytest.mark.parametrize("name", ["a", "v0123456789abcdef0123.hr_rgb.npy", "x" * 100, "d" * 60 + "/" + "x" * 60, "é" * 40])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456_789, 8 ** 11 - 1])
 def test_member_headers_are_the_ones_tarfile_writes(name, size):
-    from shards.tario import ustar_header
+    from shards.tarwrite import ustar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
