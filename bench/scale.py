@@ -48,23 +48,22 @@ def probe(kind: str, shards: str) -> dict:
 def run_probe(kind: str, shards: str) -> None:
     import tracemalloc
 
-    from elr.data import TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, batches, input_fields, phase_samples
-    from elr.data import phase_shards
-    from shards.manifest import load_manifest, manifest_digest
+    from elr.data import TRAIN_INPUTS, ShardStream, StepLoader, StreamPlan, batches, input_fields
     from shards.schema import LR
+    from shards.shardset import ShardSet
 
     tracemalloc.start()
     t = time.perf_counter()
-    manifest = load_manifest(shards, samples=False)  # as train/ddp.py and elr-eval run load it
-    manifest_digest(manifest)
+    shard_set = ShardSet.open(shards)  # as train/ddp.py and elr-eval run open it
+    shard_set.digest
     if kind == "train":  # rank 0 of 2, 8 streams, the seed's batch of 256 sequences: what train/ddp.py holds
-        plan = StreamPlan(phase_shards(manifest, shards, "Split1", ["Train"]), 8, 16)
+        plan = StreamPlan(shard_set.tar_shards("Split1", ["Train"]), 8, 16)
         ds = ShardStream(plan, 0, 2, input_fields(TRAIN_INPUTS["lr+hr"]), seed=0)
         next(iter(StepLoader(ds, 0)))
-        held = (manifest, plan, ds)
+        held = (shard_set, plan, ds)
     else:  # job 0 of 4 of elr-eval run, tar shards
-        first = next(batches(phase_samples(manifest, shards, "Split1", "Test", 0, 4, LR, "webdataset"), LR, 64))
-        held = (manifest, first)
+        first = next(batches(shard_set.phase("Split1", "Test").samples(0, 4, LR, "webdataset"), LR, 64))
+        held = (shard_set, first)
     seconds = time.perf_counter() - t
     current, peak = tracemalloc.get_traced_memory()
     print(json.dumps({"seconds": seconds, "held_mb": current / 1e6, "peak_mb": peak / 1e6, "kept": len(held)}))

@@ -10,6 +10,7 @@ from shards.cli import call, run_command_line
 from shards.demo import DemoConfig, make_demo
 from shards.info import format_info, shard_set_info
 from shards.verify import verify_shards
+from shards.shardset import ShardSet
 
 
 class ByteSize(click.ParamType):
@@ -140,10 +141,8 @@ def build_shards_cmd(data_root, out, splits, fmt, quiet, **options):
     """
     formats = ("webdataset", "zarr") if fmt == "both" else (fmt,)
     cfg = call(BuildConfig, out=out, splits=splits, formats=formats, progress=not quiet, **options)
-    manifest = call(build_shards, data_root, cfg)
     target = out or default_out(data_root)
-    n = sum(len(e["samples"]) for s in manifest["splits"].values() for e in s.values())
-    skipped = sum(len(e["skipped"]) for s in manifest["splits"].values() for e in s.values())
+    n, skipped = ShardSet(target, call(build_shards, data_root, cfg)).video_counts()
     click.echo(f"wrote {n} videos to {target}" + (f" ({skipped} skipped, listed in the manifest)" if skipped else ""),
                err=True)
 

@@ -184,7 +184,8 @@ def test_resume_from_a_damaged_checkpoint(shards, tmp_path):
 
 def test_restart_never_resumes_another_runs_checkpoint(shards, tmp_path, monkeypatch):
     """A worker restarted by --max-restarts continues only the checkpoint its own launch wrote."""
-    from train.ddp import TrainConfig, resume_decision
+    from train.config import TrainConfig
+    from train.startup import resume_decision
     from elr.checkpoint import CheckpointError
 
     out = tmp_path / "run"

@@ -96,7 +96,7 @@ def test_bad_workers_value_is_refused_and_auto_picks_by_device(tmp_path):
 def test_every_option_has_help_and_elr_train_is_installed():
     from dataclasses import fields
 
-    from train.ddp import TrainConfig
+    from train.config import TrainConfig
     assert all(len(f.metadata["help"]) > 10 for f in fields(TrainConfig))
     elr_train = os.path.join(os.path.dirname(sys.executable), "elr-train")
     text = subprocess.run([elr_train, "--help"], capture_output=True, text=True, cwd=REPO, env=ENV).stdout

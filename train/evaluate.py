@@ -12,12 +12,13 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
-from elr.data import batches, phase_samples
+from elr.data import batches
 from elr.model import load_weights, resolve_device, score_batches
 from shards.atomic import atomic_write, remove_dead_temps, temp_files
 from shards.errors import ELRError
 from shards.lock import FileLock, OutputBusyError, hold_output, is_held, lock_path, read_holder
-from shards.manifest import file_sha256, load_manifest, manifest_digest
+from shards.manifest import file_sha256
+from shards.shardset import ShardSet
 from shards.memory import keep_freed_memory
 from shards.schema import LR
 
@@ -82,26 +83,26 @@ class EvalConfig:
 def run_job(cfg: EvalConfig, hold_folder: bool = True) -> str:
     """Score job `cfg.job_index` of `cfg.num_jobs` and write its part; returns the part's path."""
     keep_freed_memory()
-    manifest = load_manifest(cfg.shards, samples=False)  # the job reads its shards, not the sample tables
+    shard_set = ShardSet.open(cfg.shards)  # the job reads its shards, not the sample tables
     dev = resolve_device(cfg.device)
     model, classes = load_weights(cfg.checkpoint)
-    if classes is not None and classes != manifest["classes"]:
+    if classes is not None and classes != shard_set.classes:
         raise EvalError(f"{cfg.checkpoint}: its classes differ from those of {cfg.shards}")
-    if model.classifier.out_features != len(manifest["classes"]) or model.rnn1.input_size != manifest["dim"]:
+    if model.classifier.out_features != len(shard_set.classes) or model.rnn1.input_size != shard_set.dim:
         raise EvalError(f"{cfg.checkpoint}: model has {model.classifier.out_features} classes and input dim "
-                        f"{model.rnn1.input_size}; the shard set has {len(manifest['classes'])} and {manifest['dim']}")
+                        f"{model.rnn1.input_size}; the shard set has {len(shard_set.classes)} and {shard_set.dim}")
     with job_locks(cfg.out, cfg.part, hold_folder):  # after the checks: a mistake leaves no folder behind
         keys, labels, logits = [], [], []
-        samples = phase_samples(manifest, cfg.shards, cfg.split, cfg.phase, cfg.job_index, cfg.num_jobs, LR, cfg.fmt)
+        samples = shard_set.phase(cfg.split, cfg.phase).samples(cfg.job_index, cfg.num_jobs, LR, cfg.fmt)
         for b, out_logits in score_batches(model.to(dev).eval(), batches(samples, LR, cfg.batch), dev, cfg.amp):
             keys += b["keys"]
             labels.append(b["labels"].numpy())
             logits.append(out_logits.float().cpu().numpy())
         stamp = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha256": file_sha256(cfg.checkpoint),
-                 "manifest_sha256": manifest_digest(manifest), "shards": cfg.shards, "split": cfg.split,
+                 "manifest_sha256": shard_set.digest, "shards": cfg.shards, "split": cfg.split,
                  "phase": cfg.phase, "job_index": cfg.job_index, "num_jobs": cfg.num_jobs,
-                 "classes": manifest["classes"]}
-        n_classes = len(manifest["classes"])
+                 "classes": shard_set.classes}
+        n_classes = len(shard_set.classes)
         arrays = {"keys": np.array(keys, dtype=str),
                   "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
                   "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
@@ -122,7 +123,7 @@ def read_part(path: str) -> dict:
 
 
 def collect_parts(folder: str, shards: str | None = None) -> tuple:
-    """Read and cross-check every part: (stamp, keys, labels, logits, manifest)."""
+    """Read and cross-check every part: (stamp, keys, labels, logits, shard set)."""
     paths = sorted(glob.glob(os.path.join(folder, "part-*.npz")))
     if not paths:
         raise EvalError(f"{folder}: no part-*.npz files")
@@ -147,13 +148,13 @@ def collect_parts(folder: str, shards: str | None = None) -> tuple:
     if missing:
         raise EvalError(f"missing parts for jobs {', '.join(map(str, missing))} of {ref['num_jobs']}: "
                         f"expected {part_path(folder, missing[0], ref['num_jobs'])}")
-    manifest = load_manifest(shards or ref["shards"])
-    if manifest_digest(manifest) != ref["manifest_sha256"]:
+    shard_set = ShardSet.open(shards or ref["shards"], samples=True)
+    if shard_set.digest != ref["manifest_sha256"]:
         raise EvalError(f"{folder}: the parts were scored on another version of the shard set {shards or ref['shards']}")
     keys = np.concatenate([part["keys"] for _, part in parts])
     labels = np.concatenate([part["labels"] for _, part in parts])
     logits = np.concatenate([part["logits"] for _, part in parts])
-    expected = {s["key"]: s["label"] for s in manifest["splits"][ref["split"]][ref["phase"]]["samples"]}
+    expected = shard_set.phase(ref["split"], ref["phase"]).expected_labels()
     unique, counts = np.unique(keys, return_counts=True)
     dup = unique[counts > 1]
     if len(dup):
@@ -167,7 +168,7 @@ def collect_parts(folder: str, shards: str | None = None) -> tuple:
     if any(expected[k] != int(label) for k, label in zip(keys, labels)):
         raise EvalError(f"{folder}: labels in the parts disagree with the manifest")
     order = np.argsort(keys)
-    return ref, keys[order], labels[order], logits[order], manifest
+    return ref, keys[order], labels[order], logits[order], shard_set
 
 
 def merge(folder: str, shards: str | None = None, hold_folder: bool = True) -> dict:
@@ -181,8 +182,8 @@ def merge(folder: str, shards: str | None = None, hold_folder: bool = True) -> d
             raise EvalError(f"{stray[0]}: a temporary file of a job killed while writing"
                             + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
                             + "; re-run that job (it removes it) or delete it")
-        stamp, keys, labels, logits, manifest = collect_parts(folder, shards)
-        return write_reports(folder, stamp, keys, labels, logits, manifest["classes"])
+        stamp, keys, labels, logits, shard_set = collect_parts(folder, shards)
+        return write_reports(folder, stamp, keys, labels, logits, shard_set.classes)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from elr.arena import Arena
-from shards import remote
 from shards.errors import ELRError
 
 from .handoff import as_spans, collate, from_spans
@@ -138,7 +137,7 @@ class StepLoader:
         worth held by the trainer (one being assembled, one being copied to the GPU), twice over for
         uneven lengths."""
         ds, plan, size = self.dataset, self.dataset.plan, self.arena_bytes
-        if ds.handoff == "spans" and not any(remote.is_url(s.url) for s in plan.shards):
+        if ds.handoff == "spans" and not any(s.is_remote for s in plan.shards):
             size = 0  # every micro-batch goes as spans: no ring to fill
         if size is None:
             per_step = len(ds.streams) // self.num_workers

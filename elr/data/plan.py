@@ -10,66 +10,17 @@ worker k of a rank owns every K-th of those. So:
   - resuming at step s regenerates the epoch and skips s steps: the same order as an uninterrupted run.
 """
 
-import functools
 import math
-import os
 import random
 from dataclasses import dataclass
 
-from shards import remote
-from shards.errors import ManifestError
-from shards.manifest import join_path, parse_rows
-from shards.tario import iter_decoded_samples
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One tar shard as a loader sees it."""
-    url: str  # local path or any fsspec URL
-    samples: int
-    spans: tuple | None = None  # each sample's (offset, bytes) in the shard: range reads of remote shards
-    bytes: int | None = None  # the shard's size, as the manifest records it
-    rows: tuple | None = None  # (table URL, start, end): where its spans are, read when first needed
-
-    def sample_spans(self):
-        return self.spans if self.spans is not None or self.rows is None else _spans_from_table(*self.rows)
-
-
-@functools.lru_cache(maxsize=4096)
-def _spans_from_table(table: str, start: int, end: int) -> tuple:
-    """A remote shard's sample spans, from its rows of the sample table (a version 2 set)."""
-    rows = parse_rows(remote.read_bytes(table, start, end), table)
-    return tuple((r["offset"], r["bytes"]) for r in rows) if all("offset" in r for r in rows) else None
-
-
-def phase_entry(manifest: dict, root: str, split: str, phase: str) -> dict:
-    entry = manifest["splits"].get(split, {}).get(phase)
-    if entry is None:
-        have = ", ".join(f"{s}/{p}" for s in sorted(manifest["splits"]) for p in manifest["splits"][s])
-        raise ManifestError(f"{root}: no {split}/{phase} in this shard set (it has {have})")
-    return entry
+from shards.shardset import ShardRef, ShardSet, iter_pieces
 
 
 def phase_shards(manifest: dict, root: str, split: str, phases) -> list:
-    """[ShardRef] of the tar shards of the given phases, in manifest order."""
-    shards = []
-    for phase in phases:
-        entry = phase_entry(manifest, root, split, phase)
-        if "webdataset" not in entry:
-            raise ManifestError(f"{root}: {split}/{phase} has no tar shards (built with --format zarr)")
-        spans, listed = {}, entry["webdataset"]["shards"]
-        for s in entry.get("samples", ()):  # version 1, or tables loaded
-            if "offset" in s:
-                spans.setdefault(s["shard"], []).append((s["offset"], s["bytes"]))
-        for i, s in enumerate(listed):
-            found = spans.get(os.path.basename(s["path"]))
-            rows = None
-            if "table" in entry and remote.is_url(root):  # only remote shards need spans (range reads)
-                end = listed[i + 1]["table_offset"] if i + 1 < len(listed) else entry["table"]["bytes"]
-                rows = (join_path(root, entry["table"]["path"]), s["table_offset"], end)
-            shards.append(ShardRef(join_path(root, s["path"]), s["samples"],
-                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"], rows))
-    return shards
+    """[ShardRef] of the tar shards of the given phases (training reads Train and Validation), in
+    manifest order."""
+    return ShardSet(root, manifest).tar_shards(split, phases)
 
 
 @dataclass
@@ -104,12 +55,6 @@ class StreamPlan:
                 pieces.append((shard, a - start, b - a))
             start += count
         return pieces
-
-
-def iter_pieces(pieces, fields, keep: bool = False):
-    """Decoded samples of [(ShardRef, skip, take)]; keep: see iter_decoded_samples."""
-    for shard, skip, take in pieces:
-        yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields, keep)
 
 
 def stream_microbatches(plan: StreamPlan, epoch: int, seed: int, stream: int, fields, buffer: int,
