@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from bench.common import WORK, copy_ceiling, drop_caches, rate, warm
 from bench.seed import SeedDataLayer, train_step
-from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers, free_step
+from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, auto_workers
 from elr.data import input_fields, phase_shards
 from elr.model import TwoStreamGRU, normalise_units, pack_units
 from shards.build import BuildConfig, build_shards
@@ -140,9 +140,10 @@ class Bench:
         """The host side of the CUDA default on this CPU: 2 workers copy each step into their shared
         rings, and the trainer views the blocks and gives them back, as it does on CUDA once the side
         stream has copied them to the GPU (there the rings are also page-locked)."""
-        for group in self.ours(epoch, workers=2, handoff="arena").steps:
+        steps = self.ours(epoch, workers=2, handoff="arena").steps
+        for group in steps:
             yield group
-            free_step(group)
+            steps.release(group)
 
     def seed(self, epoch=0):
         ds = SeedDataLayer(os.path.join(self.root, "Split1"), "Train")

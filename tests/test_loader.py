@@ -129,7 +129,7 @@ def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, are
     """Workers write micro-batches into shared rings the trainer frees after each step. In a ring of
     600 bytes the larger micro-batches never fit and take the ordinary DataLoader path; over two
     epochs every merged step equals the in-process one exactly."""
-    from elr.data import DevicePrefetcher, free_step
+    from elr.data import DevicePrefetcher, Rings
 
     inputs = TRAIN_INPUTS["lr+hr"]
     plan = StreamPlan(uneven_shards, n_streams=2, micro_batch=2)
@@ -138,19 +138,19 @@ def test_worker_arenas_hand_over_exactly_the_in_process_steps(uneven_shards, are
         ds.set_position(epoch)
         expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]
         loader = StepLoader(ds, 2, arena_bytes=arena_bytes, handoff="arena")  # the CUDA default
-        assert len(ds.arenas) == 2
+        assert type(loader.handoff) is Rings and len(loader.handoff.arenas) == 2
         paths, merged = Counter(), []
         for group in loader:
-            in_arena = ["_free" in mb for mb in group]
+            in_arena = ["ring" in mb for mb in group]
             paths.update("arena" if a else "copy" for a in in_arena)
             merged.append(merge_to_device(group, inputs, "cpu"))
-            free_step(group)
+            loader.release(group)
             assert ["lr_rgb" not in mb for mb in group] == in_arena  # freed blocks cannot be read by mistake
         assert len(merged) == len(expected) == plan.steps_per_epoch
         for got, want in zip(merged, expected):
             for name in ("rgb", "flow", "lengths", "labels"):
                 assert torch.equal(got[name], want[name])
-        assert all(a.idle() for a in ds.arenas)
+        assert all(a.idle() for a in loader.handoff.arenas)
         if arena_bytes:
             assert paths["arena"] >= 1 and paths["copy"] >= 1
         else:
@@ -162,13 +162,13 @@ def test_span_handoff_gives_the_in_process_steps_read_from_the_trainers_own_maps
     """The CPU default for workers: they send where each video lies (file, offset, units), no bytes and no
     rings; the trainer views its own maps of the same files. Two epochs and a resumed one equal the
     in-process steps exactly."""
-    from elr.data import DevicePrefetcher
+    from elr.data import DevicePrefetcher, Places
 
     inputs = TRAIN_INPUTS["lr+hr"]
     plan = StreamPlan(uneven_shards, n_streams=2, micro_batch=2)
     ds = ShardStream(plan, 0, 1, input_fields(inputs), 0, buffer=4)
     loader = StepLoader(ds, workers)
-    assert ds.handoff == "spans" and ds.arenas == []  # nothing to allocate in shared memory
+    assert type(loader.handoff) is Places and loader.handoff.arenas == []  # nothing to allocate in shared memory
     for epoch, step in ((0, 0), (1, 0), (1, 2)):
         ds.set_position(epoch, step)
         expected = [batch for _, batch in DevicePrefetcher(StepLoader(ds, 0), inputs, "cpu")]

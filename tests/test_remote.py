@@ -173,7 +173,8 @@ def test_server_back_within_the_retry_window_gives_the_uninterrupted_weights(sha
 def test_loader_workers_over_http_copy_what_they_cannot_place(shards, http_server):
     """Workers on CPU send local videos as places in the shard files; remote videos have none, so their
     micro-batches go through the workers' rings (allocated because the set is remote): the same steps."""
-    from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields, phase_shards
+    from elr.data import TRAIN_INPUTS, DevicePrefetcher, Places, ShardStream, StepLoader, StreamPlan, input_fields
+    from elr.data import phase_shards
 
     server = http_server(shards)
     inputs = TRAIN_INPUTS["lr+hr"]
@@ -182,9 +183,9 @@ def test_loader_workers_over_http_copy_what_they_cannot_place(shards, http_serve
         plan = StreamPlan(phase_shards(load_manifest(root), root, "Split1", ("Train",)), 2, 2)
         ds = ShardStream(plan, 0, 1, input_fields(inputs), seed=0, buffer=4)
         loader = StepLoader(ds, 2)
-        assert ds.handoff == "spans" and len(ds.arenas) == (2 if name == "http" else 0)
+        assert type(loader.handoff) is Places and len(loader.handoff.arenas) == (2 if name == "http" else 0)
         steps[name] = [batch for _, batch in DevicePrefetcher(loader, inputs, "cpu")]
-        assert all(a.idle() for a in ds.arenas)  # every ring block was freed after its step
+        assert all(a.idle() for a in loader.handoff.arenas)  # every ring block was freed after its step
     assert len(steps["local"]) == len(steps["http"]) == plan.steps_per_epoch
     for a, b in zip(steps["local"], steps["http"]):
         for key in ("rgb", "flow", "lengths", "labels"):

@@ -7,8 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .handoff import free_step
-
 
 # Model inputs of a training step, per --train-on: each input holds these fields' sequences, one
 # after the other. With lr+hr every video is trained twice through the same weights, as its LR and
@@ -83,7 +81,8 @@ def concatenate_parallel(joins):
 
 
 class DevicePrefetcher:
-    """On CUDA, copy step i+1 to the GPU on a side stream while step i computes; on CPU, pass through."""
+    """On CUDA, copy step i+1 to the GPU on a side stream while step i computes; on CPU, pass through.
+    `steps`: a StepLoader, whose release(group) gives back what a step held once it is copied."""
 
     def __init__(self, steps, inputs: dict, device):
         self.steps, self.inputs, self.device = steps, inputs, torch.device(device)
@@ -93,7 +92,7 @@ class DevicePrefetcher:
     def _load(self, group):
         if not self.cuda:
             batch = merge_to_device(group, self.inputs, self.device)
-            free_step(group)  # the step has its own copy
+            self.steps.release(group)  # the step has its own copy
             return group, batch, None
         with torch.cuda.stream(self.copy_stream):
             batch = merge_to_device(group, self.inputs, self.device, non_blocking=True)
@@ -111,8 +110,8 @@ class DevicePrefetcher:
                 for t in pending[1].values():
                     if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                         t.record_stream(torch.cuda.current_stream(self.device))
-                pending[2].synchronize()  # issued a step ago: done; the arena blocks it read are free
-                free_step(pending[0])
+                pending[2].synchronize()  # issued a step ago: done; the ring blocks it read are free
+                self.steps.release(pending[0])
             group, batch, _ = pending
             nxt = next(it, None)
             pending = self._load(nxt) if nxt is not None else None  # next copy overlaps this step's compute
