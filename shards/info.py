@@ -1,22 +1,13 @@
 """info: a summary of a shard set, from its manifest alone."""
 
-from .manifest import iter_phases, load_manifest, phase_summary
+from .shardset import ShardSet
 
 
 def shard_set_info(shards_dir: str) -> dict:
-    m = load_manifest(shards_dir, samples=False)
-    phases = []
-    for split, phase, e in iter_phases(m):
-        tar = e.get("webdataset", {}).get("shards", [])
-        zarr_files = e.get("zarr", {}).get("files", [])
-        summary = phase_summary(e, len(m["classes"]))
-        phases.append({
-            "split": split, "phase": phase, "videos": summary["videos"], "skipped": len(e["skipped"]),
-            "units": summary["units"], "classes": sum(1 for n in summary["label_counts"] if n),
-            "tar_shards": len(tar), "tar_bytes": sum(s["bytes"] for s in tar),
-            "zarr_bytes": sum(f["bytes"] for f in zarr_files),
-        })
-    return {"path": shards_dir, "classes": len(m["classes"]), "dim": m["dim"], "dtype": m["dtype"],
+    s = ShardSet.open(shards_dir)
+    m = s.manifest
+    phases = [s.phase(split, phase).summary() for split in s.splits for phase in s.phases(split)]
+    return {"path": shards_dir, "classes": len(s.classes), "dim": s.dim, "dtype": m["dtype"],
             "formats": m["options"]["formats"], "tool_version": m["tool_version"],
             "source": m["source"]["root"], "phases": phases}
 

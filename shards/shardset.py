@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import remote
 from .errors import ManifestError, ShardCorruptError
-from .manifest import join_path, load_manifest, manifest_digest, parse_rows
+from .manifest import join_path, load_manifest, manifest_digest, parse_rows, phase_summary
 from .schema import LR
 from .tario import iter_decoded_samples
 
@@ -76,7 +76,7 @@ class ShardSet:
 
     @property
     def splits(self) -> list:
-        return list(self.manifest["splits"])
+        return sorted(self.manifest["splits"])
 
     def phases(self, split: str) -> list:
         return list(self.manifest["splits"].get(split, {}))
@@ -166,6 +166,16 @@ class Phase:
         reader = ZarrPhaseReader(os.path.join(root, self.entry["zarr"]["path"]))
         n = len(reader)
         yield from reader.iter_range(n * part // parts, n * (part + 1) // parts, fields=fields)
+
+    def summary(self) -> dict:
+        """Videos, skipped videos, units, classes present, tar shards and bytes, Zarr bytes: from the
+        manifest alone (no sample table is read)."""
+        counts = phase_summary(self.entry, len(self.set.classes))
+        tar = self.entry.get("webdataset", {}).get("shards", [])
+        return {"split": self.split, "phase": self.name, "videos": counts["videos"], "skipped": len(self.entry["skipped"]),
+                "units": counts["units"], "classes": sum(1 for n in counts["label_counts"] if n),
+                "tar_shards": len(tar), "tar_bytes": sum(s["bytes"] for s in tar),
+                "zarr_bytes": sum(f["bytes"] for f in self.entry.get("zarr", {}).get("files", []))}
 
     def expected_labels(self) -> dict:
         """{key: label} of every video of the phase (needs the set opened with samples=True)."""

@@ -7,7 +7,8 @@ import numpy as np
 
 from .atomic import is_temp
 from .errors import BadVideoError, ELRError
-from .manifest import encode_table, file_sha256, iter_phases, load_manifest, unlisted_files
+from .manifest import encode_table, file_sha256, iter_phases, unlisted_files
+from .shardset import ShardSet
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
 from .source import SourceVideo, discover, load_video
@@ -134,7 +135,7 @@ def _check_table_positions(entry: dict, where: str) -> list:
 def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True, client=None) -> dict:
     """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
     shards_dir = os.path.abspath(shards_dir)  # workers (on a cluster, in other folders) get full paths
-    manifest = load_manifest(shards_dir)
+    manifest = ShardSet.open(shards_dir, samples=True).manifest  # verify audits every field of it
     dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
     source = os.path.abspath(source) if source else None
     calls, total = [], 0

@@ -16,7 +16,7 @@ IN_PROCESS = InProcess()
 
 
 class ShardStream(IterableDataset):
-    """This rank's micro-batches, in the order the step assembler expects; see the module docstring."""
+    """This rank's micro-batches, in the order the step assembler expects (the epoch plan: elr.data.plan)."""
 
     def __init__(self, plan: StreamPlan, rank: int, world_size: int, fields, seed: int, buffer: int = 256,
                  bucket: bool = False):
