@@ -1,14 +1,15 @@
-"""The in-process shard loader of this checkout against another commit's, in alternating processes.
+"""The shard loader of this checkout against another commit's, in alternating processes.
 
     python -m bench.train                      # once: builds the real-length shards it reads
-    python -m bench.loader_ab 3f4c737 [--rounds 4] [--shards bench/_work/shards-train-hmdb51]
+    python -m bench.loader_ab 3f4c737 [--rounds 4] [--workers 2] [--shards bench/_work/shards-train-hmdb51]
 
 This machine's speed drifts by 1.5x within an hour, so two runs of bench/train.py an hour apart
 cannot tell a 20% change from the drift. Here the two versions take turns: each round starts one
 process per version (the other commit checked out in a temporary git worktree), each times its
 loader over 6 epochs of the same shards (the seed's global batch: 128 videos as LR and HR, 8
 streams) and reports its best epoch after the first; then the next round. Prints every round and
-the range of both. --cold: one epoch per process, after the page cache is dropped (root only)."""
+the range of both. --cold: one epoch per process, after the page cache is dropped (root only).
+--workers N: each loader with N DataLoader workers (the hand-off between processes) instead of in-process."""
 
 import argparse
 import gc
@@ -21,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(root: str, shards: str, epochs: int, cold: bool) -> None:
+def child(root: str, shards: str, epochs: int, cold: bool, workers: int = 0) -> None:
     """Time the loader of the code at `root` (its own modules, not this checkout's): the child runs as a
     file, not a module, so that nothing of this checkout is on its path before `root`."""
     sys.path.insert(0, root)
@@ -32,7 +33,7 @@ def child(root: str, shards: str, epochs: int, cold: bool) -> None:
     keep_freed_memory()
     inputs = TRAIN_INPUTS["lr+hr"]
     plan = StreamPlan(phase_shards(load_manifest(shards), shards, "Split1", ("Train",)), 8, 256 // 2 // 8)
-    loader = StepLoader(ShardStream(plan, 0, 1, input_fields(inputs), seed=0), 0)
+    loader = StepLoader(ShardStream(plan, 0, 1, input_fields(inputs), seed=0), workers)
     gc.freeze()  # as train/ddp.py during its epochs (shards.memory.long_lived_frozen), for both trees
     rates = []
     for epoch in range(epochs):
@@ -51,11 +52,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--shards", default=os.path.join(HERE, "bench/_work/shards-train-hmdb51"))
     ap.add_argument("--cold", action="store_true", help="one epoch per process from a dropped page cache")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of each loader (0: in-process)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shards = os.path.abspath(args.shards)
     if args.child:
-        return child(args.child, shards, 1 if args.cold else args.epochs, args.cold)
+        return child(args.child, shards, 1 if args.cold else args.epochs, args.cold, args.workers)
     if not args.commit:
         ap.error("name the commit to compare against")
     if args.cold:
@@ -74,7 +76,8 @@ def main():
                     if args.cold:
                         drop_caches()  # the child maps the shards after this
                     out = subprocess.run([sys.executable, __file__, "--child", root, "--shards", shards,
-                                          "--epochs", str(args.epochs)] + (["--cold"] if args.cold else []),
+                                          "--epochs", str(args.epochs), "--workers", str(args.workers)]
+                                         + (["--cold"] if args.cold else []),
                                          check=True, capture_output=True, text=True)
                     results[name].append(int(out.stdout.split()[-1]))
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,} seq/s" for k, v in results.items()), flush=True)
