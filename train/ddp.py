@@ -44,37 +44,8 @@ except ModuleNotFoundError as e:  # run from a checkout that was never installed
     sys.exit(f"Error: cannot import {e.name!r}: install the project first (bash scripts/setup.sh, or pip install -e .)")
 
 
-
-
-
-
-
-
-
-
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ---- setup ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- one epoch --------------------------------------------------------------------------------
@@ -299,20 +270,12 @@ def epoch_record(cfg: TrainConfig, epoch: int, trainer: Trainer, stats: EpochSta
             "chance": 1 / len(trainer.shard_set.classes)}
 
 
-# ---- launching and the error boundary ---------------------------------------------------------
-
-
-
-
+# ---- the command line (launching: train/launch.py) -------------------------------------------
 
 
 def _worker(config: dict):
     cfg = TrainConfig(**config)
     return exit_on_error(lambda: guarded(functools.partial(train, folder_held=True), cfg))
-
-
-
-
 
 
 @click.command("elr-train", help=__doc__.replace("\nexamples:\n", "\n\b\nexamples:\n", 1),
