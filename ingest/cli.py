@@ -218,7 +218,12 @@ def info_cmd(shards, as_json):
 @click.option("--lr-size", default="12x16", show_default=True, type=FrameSize(),
               help="Extremely low resolution, rows x columns.")
 @click.option("--crop-size", "side", default=112, show_default=True, type=click.IntRange(16, 112),
-              help="C3D input side. The published weights need 112; smaller sizes (with --random-c3d) keep tests fast.")
+              help="C3D input side. The published weights need 112; smaller sizes (weights made for them, or "
+                   "--random-c3d) keep tests fast.")
+@click.option("--pool5", type=click.Choice(["caffe", "port"]), default="caffe", show_default=True,
+              help="C3D's pool5 windows. caffe: ceil-mode windows without padding, as Caffe ran the network "
+                   "the Sports-1M weights were trained in; port: c3d-pytorch's one-pixel padding, which pools "
+                   "other rows and columns together (only to match features made with that port).")
 @click.option("--device", default="auto", show_default=True, help="Where C3D runs: auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="C3D compute dtype (auto: bfloat16 on a GPU, float32 on the CPU).")
@@ -239,9 +244,11 @@ def extract_features_cmd(videos, splits_dir, out, quiet, **options):
 
     \b
     Per video, four streams of C3D fc6 features:
-      HR RGB   frames resized to 128x171, center-cropped to 112x112, C3D mean subtracted
+      HR RGB   frames resized to 128x171, center-cropped to 112x112, as B, G, R less the Sports-1M mean
+               (90.25, 97.66, 101.41): the order Caffe read frames in when the weights were trained
       LR RGB   frames area-downsampled to --lr-size (12x16), upsampled back and cropped like HR
-      HR flow  optical flow between consecutive HR frames, as 3-channel images (x, y, magnitude)
+      HR flow  optical flow between consecutive HR frames, as 3-channel images (x, y, magnitude;
+               after the same channel swap C3D reads magnitude, y, x)
       LR flow  the same on the LR frames
     Split labels: 1 -> Train, 2 -> Test, 0 -> Validation (the seed trains on Train and selects on
     Validation; --validation none leaves label-0 videos out).

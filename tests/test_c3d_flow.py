@@ -22,8 +22,10 @@ def known_state_dict(seed=0):
     return state
 
 
-def reference_fc6(state, x):
-    """C3D's fc6 for x (B, 3, 16, 112, 112), from the C3D paper's layer list with plain functional ops."""
+def reference_fc6(state, x, pool5="caffe"):
+    """C3D's fc6 for x (B, 3, 16, 112, 112), from the C3D paper's layer list with plain functional ops.
+    pool5 "caffe": Caffe's ceil-mode windows over 7 rows (0-1, 2-3, 4-5, 6); "port": c3d-pytorch's
+    one-pixel padding (-1-0, 1-2, 3-4, 5-6)."""
     def conv(h, name):
         return F.relu(F.conv3d(h, state[f"{name}.weight"], state[f"{name}.bias"], padding=1))
 
@@ -31,21 +33,41 @@ def reference_fc6(state, x):
     h = F.max_pool3d(conv(h, "conv2"), kernel_size=2, stride=2)
     h = F.max_pool3d(conv(conv(h, "conv3a"), "conv3b"), kernel_size=2, stride=2)
     h = F.max_pool3d(conv(conv(h, "conv4a"), "conv4b"), kernel_size=2, stride=2)
-    h = F.max_pool3d(conv(conv(h, "conv5a"), "conv5b"), kernel_size=2, stride=2, padding=(0, 1, 1))
+    h = conv(conv(h, "conv5a"), "conv5b")
+    assert h.shape[-2:] == (7, 7)
+    if pool5 == "caffe":  # Caffe's pooling: ceil((7 - 2) / 2) + 1 = 4 windows, the last one row 6 alone
+        h = torch.stack([torch.stack([h[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2].amax((-3, -2, -1))
+                                      for j in range(4)], -1) for i in range(4)], -2)[:, :, None]
+    else:
+        h = F.max_pool3d(h, kernel_size=2, stride=2, padding=(0, 1, 1))
     assert h.shape[1:] == (512, 1, 4, 4)
     return F.relu(F.linear(h.reshape(len(h), 8192), state["fc6.weight"], state["fc6.bias"]))
 
 
-def test_c3d_weights_file_gives_the_reference_fc6(tmp_path):
+def test_c3d_weights_file_gives_the_reference_fc6_for_both_pool5_conventions(tmp_path):
     state = known_state_dict()
     path = tmp_path / "c3d.pickle"
     torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as saved from DataParallel: accepted
-    model = load_c3d(str(path))
     x = torch.randn(1, 3, 16, 112, 112, generator=torch.Generator().manual_seed(1)) * 50
-    with torch.no_grad():
-        ours, expected = model(x), reference_fc6(state, x)
-    assert ours.shape == (1, 4096) and (expected > 0).float().mean() > 0.1  # not all ReLU zeros
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    outputs = {}
+    for pool5 in ("caffe", "port"):
+        model = load_c3d(str(path), pool5=pool5)
+        with torch.no_grad():
+            outputs[pool5], expected = model(x), reference_fc6(state, x, pool5)
+        assert outputs[pool5].shape == (1, 4096) and (expected > 0).float().mean() > 0.1  # not all ReLU zeros
+        torch.testing.assert_close(outputs[pool5], expected, rtol=1e-4, atol=1e-4)
+    assert (outputs["caffe"] - outputs["port"]).abs().max() > 1e-2  # other rows pooled together: other features
+
+
+def test_frames_reach_c3d_as_bgr_less_the_bgr_mean():
+    from ingest.c3d.network import C3D_MEAN_BGR, clips_to_input
+
+    clips = torch.zeros(1, 16, 2, 2, 3, dtype=torch.uint8)
+    clips[..., 0], clips[..., 1], clips[..., 2] = 200, 100, 10  # R, G, B
+    x = clips_to_input(clips, torch.tensor(C3D_MEAN_BGR))
+    assert x.shape == (1, 3, 16, 2, 2)
+    expected = torch.tensor([10.0, 100.0, 200.0]) - torch.tensor(C3D_MEAN_BGR)  # B, G, R less (90.25, 97.66, 101.41)
+    assert torch.equal(x[0, :, 0, 0, 0], expected) and torch.equal(x[0, :, 15, 1, 1], expected)
 
 
 def test_weights_file_problems_are_named(tmp_path):

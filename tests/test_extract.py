@@ -245,3 +245,67 @@ def test_split_file_names_with_spaces_other_encodings_and_two_classes(bad_tree, 
     assert list(doc["skipped"]) == ["fine/caf\\xe9.avi"]
     json.dumps(doc, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate anywhere
     assert os.path.getsize(out / "Split1" / "Train_hr_features" / "fine" / "my video (1).npy") > 0
+
+
+def channel_probe_weights(path, side=16):
+    """C3D weights (for `side`x`side` crops) whose fc6[0] is conv1's input channel 0 at the centre taps,
+    passed through every layer unchanged: fc6[0] = max(0, C3D's channel 0 - its mean)."""
+    import torch
+
+    from ingest.c3d.network import CONVS, pool5_features
+
+    state = {}
+    for name, (cin, cout) in CONVS.items():
+        weight = torch.zeros(cout, cin, 3, 3, 3)
+        weight[0, 0, 1, 1, 1] = 1.0  # output 0 = input 0, centre tap only (no border effects)
+        state[f"{name}.weight"], state[f"{name}.bias"] = weight, torch.zeros(cout)
+    fc6 = torch.zeros(4096, pool5_features(side))
+    fc6[0, 0] = 1.0  # pool5 channel 0 (one position at side 16)
+    state["fc6.weight"], state["fc6.bias"] = fc6, torch.zeros(4096)
+    torch.save(state, path)
+
+
+def test_frames_reach_the_published_weights_as_bgr(tmp_path, dask_client):
+    """Caffe read frames as B, G, R when the Sports-1M weights were trained: a weights file whose fc6[0]
+    reads conv1's input channel 0 answers a flat blue video with ~255 - 90.25 and a red one with 0."""
+    from videos import encode
+
+    videos, splits = tmp_path / "videos", tmp_path / "splits"
+    colours = {"blue": (0, 0, 255), "red": (255, 0, 0)}
+    for name, rgb in colours.items():
+        encode(str(videos / name / f"{name}_0.avi"), np.broadcast_to(np.array(rgb, np.uint8), (16, 48, 64, 3)).copy())
+    write_split_files(str(splits), {name: {f"{name}_0.avi": "2"} for name in colours})
+    weights = tmp_path / "probe.pt"
+    channel_probe_weights(str(weights))
+    out = tmp_path / "HMDB51"
+    result = subprocess.run([os.path.join(BIN, "elr-ingest"), "extract-features", str(videos), "--splits", str(splits),
+                             "--out", str(out), "--c3d-weights", str(weights), "--crop-size", "16", "-q",
+                             "--scheduler", dask_client.scheduler.address], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fc6 = {(name, stream): np.load(out / "Split1" / f"Test_{stream}" / name / f"{name}_0.npy")[0, 0]
+           for name in colours for stream in ("hr_features", "lr_features", "hr_optfl_features")}
+    for stream in ("hr_features", "lr_features"):  # the blue channel less its mean, 90.25 (MPEG-4: +-5)
+        assert abs(fc6[("blue", stream)] - (255 - 90.25)) < 5 and fc6[("red", stream)] == 0, fc6
+    # a still video's flow image is (x, y, magnitude) = (128, 128, 0): C3D's channel 0 is the magnitude
+    assert fc6[("blue", "hr_optfl_features")] == fc6[("red", "hr_optfl_features")] == 0
+    record = json.load(open(out / "features.json"))["splits"]["Split1"]
+    assert (record["channels"], record["pool5"], record["side"]) == ("bgr", "caffe", 16)
+
+
+def test_resume_refuses_a_run_made_before_the_channel_order_fix(sample_tree, tmp_path, dask_client):
+    """A journal written before channels and pool5 were recorded was made with R, G, B frames and the
+    port's pool5: its features cannot be mixed with these; --resume names both and what to do."""
+    root, _ = sample_tree
+    out = tmp_path / "HMDB51"
+    cfg = ExtractConfig(**FAST)
+    extract_features(f"{root}/videos", f"{root}/splits", str(out), cfg, client=dask_client)
+    header = {k: v for k, v in json.load(open(out / "features.json"))["splits"]["Split1"].items()
+              if k in (*cfg.record_options(), "weights") and k not in ("channels", "pool5")}
+    os.remove(out / "features.json")
+    journal = out / ".Split1-features.jsonl"
+    journal.write_text(json.dumps(header, sort_keys=True) + "\n")  # as the version before wrote it, killed
+    with pytest.raises(OutputExistsError) as e:
+        extract_features(f"{root}/videos", f"{root}/splits", str(out), ExtractConfig(**FAST, resume=True),
+                         client=dask_client)
+    assert str(e.value) == (f"{journal}: the interrupted run used other options: channels 'rgb' (this run: 'bgr'), "
+                            "pool5 'port' (this run: 'caffe'); run again without --resume, with --overwrite")

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .network import C3D_MEAN_RGB, FEATURE_DIM, clips_to_input
+from .network import C3D_MEAN_BGR, FEATURE_DIM, clips_to_input
 
 NETWORK_OF_STREAM = {"hr_rgb": "rgb", "lr_rgb": "rgb", "hr_flow": "flow", "lr_flow": "flow"}
 
@@ -28,7 +28,7 @@ class FeatureBatcher:
         self.networks = {kind: net.to(device, memory_format=memory_format).eval() for kind, net in networks.items()}
         self.memory_format = memory_format
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-        self.mean = torch.tensor(C3D_MEAN_RGB, device=device)
+        self.mean = torch.tensor(C3D_MEAN_BGR, device=device)
         self.queue = {kind: deque() for kind in self.networks}  # kind -> deque of (entry, stream, unit, clip)
         self.in_flight = []  # (features on the device, targets) of the batch launched last
         self.pending = deque()  # entries in arrival order: [video, {stream: array}, clips left]

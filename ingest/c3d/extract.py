@@ -29,10 +29,13 @@ from ingest.videos.flow import METHODS, check_method
 from ingest.videos.frames import FrameOptions, prepare_video
 from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
 
-from .network import INPUT_SIDE, load_c3d, random_c3d
+from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
 
 FEATURES_JSON = "features.json"
 FORMAT = "elr-features/1"
+# What a journal written before an option was recorded was made with: frames in R, G, B order and
+# c3d-pytorch's pool5 (a --resume over such a run must start over: its features are not comparable)
+LEGACY_OPTIONS = {"channels": "rgb", "pool5": "port"}
 RANDOM_NOTE = "random C3D weights (--random-c3d): for tests and demos only, not features to report results on"
 
 
@@ -48,6 +51,7 @@ class ExtractConfig:
     c3d_weights: str | None = None  # Sports-1M C3D state_dict (c3d-pytorch's c3d.pickle)
     c3d_flow_weights: str | None = None  # C3D for the flow streams (default: c3d_weights)
     random_c3d: int | None = None  # seed of random C3D weights (tests and demos), instead of c3d_weights
+    pool5: str = "caffe"  # C3D's pool5 windows: caffe (as the Sports-1M weights were trained) | port (c3d-pytorch)
     device: str = "auto"  # where C3D (and RAFT) run: auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # C3D compute dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16
     batch_size: int = 0  # clips per C3D batch (0: 64 on a GPU, 8 on the CPU); part of the options
@@ -75,9 +79,8 @@ class ExtractConfig:
                              "--c3d-weights and --random-c3d exclude each other")
         if self.c3d_flow_weights and self.random_c3d is not None:
             raise ValueError("--c3d-flow-weights needs --c3d-weights (not --random-c3d)")
-        if self.side != INPUT_SIDE and self.random_c3d is None:
-            raise ValueError(f"--crop-size {self.side}: the published C3D weights need {INPUT_SIDE}; "
-                             "other sizes only with --random-c3d")
+        if self.pool5 not in POOL5:
+            raise ValueError(f"--pool5 must be one of {', '.join(POOL5)}, got {self.pool5!r}")
         if not 16 <= self.side <= INPUT_SIDE:
             raise ValueError(f"--crop-size must be 16..{INPUT_SIDE}, got {self.side}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -93,9 +96,10 @@ class ExtractConfig:
 
     def record_options(self) -> dict:
         """The options that decide the output bytes: stored in features.json, compared on --resume."""
-        keep = ("split", "validation", "lr_size", "side", "flow", "flow_bound", "random_c3d", "on_error")
+        keep = ("split", "validation", "lr_size", "side", "flow", "flow_bound", "random_c3d", "on_error", "pool5")
         options = {k: v for k, v in asdict(self).items() if k in keep}
         options["lr_size"] = list(self.lr_size)
+        options["channels"] = CHANNELS  # the order frames reach C3D in (older trees: RGB, unrecorded)
         return {**options, **self.resolved}
 
 
@@ -112,13 +116,13 @@ def library_versions() -> dict:
 def load_networks(cfg: ExtractConfig) -> tuple:
     """({"rgb": C3D, "flow": C3D}, weights record); the flow network is the RGB one unless given."""
     if cfg.random_c3d is not None:
-        net = random_c3d(cfg.random_c3d, cfg.side)
+        net = random_c3d(cfg.random_c3d, cfg.side, cfg.pool5)
         return {"rgb": net, "flow": net}, {"random_c3d": cfg.random_c3d, "note": RANDOM_NOTE}
-    rgb = load_c3d(cfg.c3d_weights)
+    rgb = load_c3d(cfg.c3d_weights, cfg.side, cfg.pool5)
     weights = {"rgb": {"file": os.path.abspath(cfg.c3d_weights), "sha256": file_sha256(cfg.c3d_weights)}}
     flow = rgb
     if cfg.c3d_flow_weights and os.path.abspath(cfg.c3d_flow_weights) != os.path.abspath(cfg.c3d_weights):
-        flow = load_c3d(cfg.c3d_flow_weights)
+        flow = load_c3d(cfg.c3d_flow_weights, cfg.side, cfg.pool5)
         weights["flow"] = {"file": os.path.abspath(cfg.c3d_flow_weights), "sha256": file_sha256(cfg.c3d_flow_weights)}
     else:
         weights["flow"] = weights["rgb"]
@@ -179,10 +183,12 @@ def check_output(out: str, split: str, header: dict, cfg: ExtractConfig, journal
     if cfg.resume:
         if journal.exists():
             old, entries = journal.read()
+            old = {**LEGACY_OPTIONS, **old}
             differ = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
             if differ:
-                raise OutputExistsError(f"{journal.path}: the interrupted run used other options "
-                                        f"({', '.join(differ)}); run again without --resume, with --overwrite")
+                said = ", ".join(f"{k} {old.get(k)!r} (this run: {header.get(k)!r})" for k in differ)
+                raise OutputExistsError(f"{journal.path}: the interrupted run used other options: {said}; "
+                                        "run again without --resume, with --overwrite")
             return entries
         if done is not None:
             raise OutputExistsError(f"{out}: {split} is already complete (features.json); nothing to resume")

@@ -14,9 +14,15 @@ from shards.errors import ELRError
 CLIP_FRAMES = 16  # frames per C3D unit
 FEATURE_DIM = 4096  # fc6
 INPUT_SIDE = 112  # the published weights see 112x112 crops of 128x171 frames
-# Per-channel (R, G, B) average of the Sports-1M training mean that C3D subtracts
-# (sport1m_train16_128_mean, stored there in Caffe's B, G, R order as 90.25, 97.66, 101.41).
-C3D_MEAN_RGB = (101.41, 97.66, 90.25)
+# The Sports-1M weights were trained in Caffe (C3D-v1.0), which reads frames as B, G, R, and
+# c3d-pytorch's c3d.pickle was converted from them without a channel swap: frames reach C3D as B, G, R
+# (a flow image's x, y, magnitude as magnitude, y, x), less the per-channel average of the Sports-1M
+# training mean (sport1m_train16_128_mean) in the same order.
+CHANNELS = "bgr"
+C3D_MEAN_BGR = (90.25, 97.66, 101.41)
+# pool5: Caffe pools with ceil-mode windows and no padding; the c3d-pytorch port pads one pixel on
+# each side instead, which groups other rows and columns together (the same output size at 112)
+POOL5 = ("caffe", "port")
 
 # name -> (in channels, out channels); every conv is 3x3x3 with padding 1
 CONVS = {
@@ -30,33 +36,41 @@ class WeightsError(ELRError):
     """A C3D weights file that is not the state_dict C3D needs."""
 
 
-def pool5_features(side: int) -> int:
+def pool5_features(side: int, pool5: str = "caffe") -> int:
     """Inputs to fc6 for `side`x`side` clips: 512 x 1 x s x s after pool5 (8192 at side 112)."""
     s = side
     for _ in range(4):  # pool1 .. pool4 halve the frame (floor)
         s //= 2
-    return 512 * ((s + 2) // 2) ** 2  # pool5 pads one pixel on each side before halving
+    return 512 * (-(-s // 2) if pool5 == "caffe" else (s + 2) // 2) ** 2  # ceil, or one pixel padded each side
 
 
 class C3D(nn.Module):
-    """conv1 .. conv5b and fc6; forward(clips (B, 3, 16, S, S), mean subtracted) -> (B, 4096) after ReLU."""
+    """conv1 .. conv5b and fc6; forward(clips (B, 3, 16, S, S), B, G, R less the mean) -> (B, 4096) after
+    ReLU. pool5: "caffe" (ceil-mode windows, as the weights were trained) or "port" (c3d-pytorch's)."""
 
-    def __init__(self, side: int = INPUT_SIDE, padding_mode: str = "zeros"):
+    def __init__(self, side: int = INPUT_SIDE, padding_mode: str = "zeros", pool5: str = "caffe"):
         super().__init__()
+        if pool5 not in POOL5:
+            raise ValueError(f"--pool5 must be one of {', '.join(POOL5)}, got {pool5!r}")
+        self.pool5 = pool5
         for name, (cin, cout) in CONVS.items():
             setattr(self, name, nn.Conv3d(cin, cout, kernel_size=3, padding=1, padding_mode=padding_mode))
-        self.fc6 = nn.Linear(pool5_features(side), FEATURE_DIM)
+        self.fc6 = nn.Linear(pool5_features(side, pool5), FEATURE_DIM)
 
     def forward(self, x):
         x = F.max_pool3d(F.relu(self.conv1(x)), (1, 2, 2))  # (B, 64, 16, S/2, S/2): time kept at first
         x = F.max_pool3d(F.relu(self.conv2(x)), 2)  # (B, 128, 8, S/4, S/4)
         x = F.max_pool3d(F.relu(self.conv3b(F.relu(self.conv3a(x)))), 2)  # (B, 256, 4, ...)
         x = F.max_pool3d(F.relu(self.conv4b(F.relu(self.conv4a(x)))), 2)  # (B, 512, 2, ...)
-        x = F.max_pool3d(F.relu(self.conv5b(F.relu(self.conv5a(x)))), 2, padding=(0, 1, 1))  # (B, 512, 1, 4, 4)
+        x = F.relu(self.conv5b(F.relu(self.conv5a(x))))
+        if self.pool5 == "caffe":
+            x = F.max_pool3d(x, 2, ceil_mode=True)  # (B, 512, 1, 4, 4) at 112: windows [0,1] .. [6]
+        else:
+            x = F.max_pool3d(x, 2, padding=(0, 1, 1))  # (B, 512, 1, 4, 4) at 112: windows [-1,0] .. [5,6]
         return F.relu(self.fc6(x.flatten(1)))  # (B, 4096)
 
 
-def random_c3d(seed: int, side: int = INPUT_SIDE) -> C3D:
+def random_c3d(seed: int, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
     """C3D with seeded random weights, for tests and demos only.
 
     A deep ReLU network with independent random layers maps all inputs to nearly parallel outputs
@@ -65,7 +79,7 @@ def random_c3d(seed: int, side: int = INPUT_SIDE) -> C3D:
     noise (delta-orthogonal style) and borders replicate instead of padding with zeros. The features are
     then a random projection of pooled conv1 responses: they keep what tells clips apart."""
     generator = torch.Generator().manual_seed(seed)
-    model = C3D(side, padding_mode="replicate")
+    model = C3D(side, padding_mode="replicate", pool5=pool5)
 
     def he_normal(weight):
         return torch.randn(weight.shape, generator=generator) * (2 / weight[0].numel()) ** 0.5
@@ -94,7 +108,7 @@ def load_state_file(path: str, error: type, what: str):
         raise error(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
 
 
-def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
+def load_c3d(path: str, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
     """C3D with the weights of a state_dict file; one WeightsError naming what differs otherwise."""
     state = load_state_file(path, WeightsError, "weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -102,7 +116,7 @@ def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
                            "with keys conv1.weight ... fc6.bias)")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
-    model = C3D(side)
+    model = C3D(side, pool5=pool5)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state), key=list(expected).index)
     unexpected = sorted(set(state) - set(expected) - OPTIONAL_KEYS)
@@ -113,11 +127,13 @@ def load_c3d(path: str, side: int = INPUT_SIDE) -> C3D:
                            "of the c3d-pytorch port)")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise WeightsError(f"{path}: {k} has shape {tuple(state[k].shape)}, C3D at {side}x{side} needs {shape}")
+            raise WeightsError(f"{path}: {k} has shape {tuple(state[k].shape)}, C3D at {side}x{side} needs {shape}"
+                               + (f" (the published weights need --crop-size {INPUT_SIDE})" if side != INPUT_SIDE else ""))
     model.load_state_dict({k: state[k].float() for k in expected})
     return model.eval()
 
 
 def clips_to_input(clips: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """uint8 clips (B, 16, S, S, 3) -> float (B, 3, 16, S, S) with the C3D mean subtracted."""
-    return clips.permute(0, 4, 1, 2, 3).float() - mean.view(1, 3, 1, 1, 1)
+    """uint8 R, G, B clips (B, 16, S, S, 3) -> float (B, 3, 16, S, S) in C3D's B, G, R order, less `mean`
+    (C3D_MEAN_BGR)."""
+    return clips.permute(0, 4, 1, 2, 3).flip(1).float() - mean.view(1, 3, 1, 1, 1)
