@@ -17,7 +17,7 @@ from bench.seed import SeedDataLayer
 from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
-from videos import bad_videos, count_frames, hmdb51_shaped, write_split_files
+from videos import bad_videos, count_frames, encode, hmdb51_shaped, write_split_files
 
 PHASE = {"1": "Train", "2": "Test", "0": "Validation"}
 FAST = dict(random_c3d=0, side=16, progress=False)  # 16x16 crops keep C3D cheap on 2 cores
@@ -268,8 +268,6 @@ def channel_probe_weights(path, side=16):
 def test_frames_reach_the_published_weights_as_bgr(tmp_path, dask_client):
     """Caffe read frames as B, G, R when the Sports-1M weights were trained: a weights file whose fc6[0]
     reads conv1's input channel 0 answers a flat blue video with ~255 - 90.25 and a red one with 0."""
-    from videos import encode
-
     videos, splits = tmp_path / "videos", tmp_path / "splits"
     colours = {"blue": (0, 0, 255), "red": (255, 0, 0)}
     for name, rgb in colours.items():
@@ -309,3 +307,35 @@ def test_resume_refuses_a_run_made_before_the_channel_order_fix(sample_tree, tmp
                          client=dask_client)
     assert str(e.value) == (f"{journal}: the interrupted run used other options: channels 'rgb' (this run: 'bgr'), "
                             "pool5 'port' (this run: 'caffe'); run again without --resume, with --overwrite")
+
+
+def test_a_phone_video_filmed_sideways_is_turned_upright_before_resizing(tmp_path):
+    """A phone stores the sensor's frames and a display rotation; players turn them upright, and so does
+    decoding here, before the HR and LR frames are made."""
+    import av
+
+    from ingest.videos.frames import decode_frames
+
+    upright = np.zeros((32, 48, 3), np.uint8)  # landscape as the viewer sees it: red top, blue below
+    upright[:8, :, 0], upright[8:, :, 2] = 255, 255
+    stored = np.rot90(upright, -1)  # (48, 32): what the sensor recorded, to be turned 90 degrees counter-clockwise
+    path = str(tmp_path / "phone.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24")))
+        container.mux(stream.encode())
+    frames = decode_frames(path, "c", "phone")
+    info = next(frames)
+    decoded = list(frames)
+    assert info["rotation"] == 90 and len(decoded) == 4
+    for frame in decoded:
+        assert frame.shape == (32, 48, 3) and frame.flags.c_contiguous
+        assert np.abs(frame.astype(int) - upright).mean() < 8  # MPEG-4's error, not a rotated picture's
+    plain = str(tmp_path / "plain.avi")
+    encode(plain, np.stack([upright] * 2))
+    frames = decode_frames(plain, "c", "plain")
+    info = next(frames)
+    assert next(frames).shape == (32, 48, 3) and info["rotation"] == 0

@@ -44,9 +44,12 @@ class PreparedVideo:
 
 
 def decode_frames(path: str, class_name: str, video: str):
-    """Yield each frame as RGB uint8 (H, W, 3); the first item is the stream info dict.
+    """Yield each frame as RGB uint8 (H, W, 3), upright; the first item is the stream info dict (which
+    gets "rotation" once the first frame says it).
 
-    Any pixel format FFmpeg knows (grayscale, 4:2:2, odd sizes) is converted to RGB. A file that is not
+    A frame with display rotation (a phone's MP4, filmed sideways) is turned upright as a player would
+    show it, before anything is resized. Any pixel format FFmpeg knows (grayscale, 4:2:2, odd sizes)
+    is converted to RGB. A file that is not
     a video, holds no frame, changes frame size or ends before its header's frame count is a
     BadVideoError naming the file."""
     import av
@@ -64,16 +67,20 @@ def decode_frames(path: str, class_name: str, video: str):
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or Fraction(0)
-        yield {"fps": round(float(rate), 3), "declared_frames": int(stream.frames or 0)}
+        info = {"fps": round(float(rate), 3), "declared_frames": int(stream.frames or 0)}
+        yield info
         size, n = None, 0
         try:
             for frame in container.decode(stream):
                 if size is None:
                     size = (frame.height, frame.width)
+                    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise to show it upright (PyAV >= 13)
+                    info["rotation"] = int(round(rotation / 90)) % 4 * 90
                 elif (frame.height, frame.width) != size:
                     raise bad(f"frame size changes from {size[1]}x{size[0]} to {frame.width}x{frame.height} at frame {n}")
                 n += 1
-                yield frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray(format="rgb24")
+                yield np.ascontiguousarray(np.rot90(image, info["rotation"] // 90)) if info["rotation"] else image
         except av.FFmpegError as e:
             raise bad(f"undecodable at frame {n} ({e.strerror or type(e).__name__})") from None
         declared = int(stream.frames or 0)
