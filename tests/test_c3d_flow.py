@@ -87,6 +87,17 @@ def test_weights_file_problems_are_named(tmp_path):
         with pytest.raises(WeightsError) as e:
             load_c3d(str(tmp_path / name))
         assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
+    def zeros(*shape):  # the shape without the bytes: one element, expanded (saved as it is)
+        return torch.zeros(1).expand(*shape)
+
+    published = {"fc6.weight": zeros(4096, 8192), "fc6.bias": zeros(4096)}  # fc6 made for 112x112 crops
+    for name, (cin, cout) in CONVS.items():
+        published[f"{name}.weight"], published[f"{name}.bias"] = zeros(cout, cin, 3, 3, 3), zeros(cout)
+    torch.save(published, tmp_path / "published.pt")
+    with pytest.raises(WeightsError) as e:
+        load_c3d(str(tmp_path / "published.pt"), side=32)  # --crop-size 32 with weights for 112
+    assert str(e.value) == (f"{tmp_path / 'published.pt'}: fc6.weight has shape (4096, 8192), C3D at 32x32 needs "
+                            "(4096, 512) (the published weights need --crop-size 112)")
 
 
 def textured_pair(dx: int, dy: int, size=(96, 128), seed=0):

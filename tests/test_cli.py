@@ -132,8 +132,8 @@ def test_extract_features_mistakes_are_one_line(tmp_path, capsys):
     base = ("elr-ingest", "extract-features", tmp_path / "videos", "--splits", tmp_path / "splits", "--out", tmp_path / "out")
     cases = {
         (): "Error: give --c3d-weights FILE (the Sports-1M C3D, c3d.pickle) or, for tests and demos only, --random-c3d SEED",
-        ("--c3d-weights", tmp_path / "c3d.pickle", "--crop-size", 32):
-            "Error: --crop-size 32: the published C3D weights need 112; other sizes only with --random-c3d",
+        ("--random-c3d", 0, "--pool5", "torch"):
+            "Error: Invalid value for '--pool5': 'torch' is not one of 'caffe', 'port'.",
         ("--random-c3d", 0, "--lr-size", "12by16"):
             "Error: Invalid value for '--lr-size': '12by16' is not a frame size HxW (e.g. 12x16: 12 rows, 16 columns)",
         ("--c3d-weights", tmp_path / "c3d.pickle"):
