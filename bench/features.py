@@ -54,16 +54,45 @@ def prepare_only(paths) -> tuple:
     return frames, time.perf_counter() - t
 
 
-def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20) -> float:
-    """Clips/s of C3D alone on batches already in (device) memory."""
+def c3d_flops(side: int = 112) -> float:
+    """Floating-point operations (a multiply and an add each) of C3D up to fc6 for one clip."""
+    from ingest.c3d.network import CONVS, pool5_features
+
+    t, s, macs = 16, side, 0
+    for name, (cin, cout) in CONVS.items():
+        macs += t * s * s * cout * cin * 27
+        if name in ("conv1", "conv2", "conv3b", "conv4b"):  # the pool after it (pool1 keeps time)
+            t, s = (t if name == "conv1" else t // 2), s // 2
+    return 2 * (macs + pool5_features(side) * 4096)
+
+
+def dense_rate(device, seconds: float = 10) -> float:
+    """FLOP/s of float32 torch.mm of 4096 x 4096 matrices on the same threads: what the cores give
+    dense arithmetic, the bar C3D's convolutions are held to."""
+    import torch
+
+    a = torch.randn(4096, 4096, device=device)
+    b = torch.randn(4096, 4096, device=device)
+    torch.mm(a, b)  # warm-up
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        torch.mm(a, b)
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n * 2 * 4096 ** 3 / (time.perf_counter() - t)
+
+
+def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20, memory_format=None) -> float:
+    """Clips/s of C3D alone on batches already in (device) memory, in the batcher's layout by default."""
     import torch
 
     from ingest.c3d.batching import FeatureBatcher
-    from ingest.c3d.network import random_c3d
+    from ingest.c3d.network import clips_to_input, random_c3d
 
-    batcher = FeatureBatcher({"rgb": random_c3d(0)}, device, batch_size, dtype)
+    layout = {} if memory_format is None else {"memory_format": memory_format}
+    batcher = FeatureBatcher({"rgb": random_c3d(0)}, device, batch_size, dtype, **layout)
     clips = torch.randint(0, 256, (batch_size, 16, 112, 112, 3), dtype=torch.uint8, device=device)
-    from ingest.c3d.network import clips_to_input
 
     net = batcher.networks["rgb"]
     with torch.no_grad(), batcher.autocast:
@@ -105,6 +134,8 @@ def main():
     prepared = min((prepare_only(paths) for _ in range(args.rounds)), key=lambda r: r[1])
     rate_a, rate_b = decoded[0] / decoded[1], prepared[0] / prepared[1]
     bound_before = c3d_bound(device, batch, dtype)
+    contiguous = c3d_bound(device, batch, dtype, memory_format=torch.contiguous_format)
+    dense = dense_rate(device)
 
     t = time.perf_counter()
     record = extract_features(f"{args.work}/demo/videos", f"{args.work}/demo/splits", f"{args.work}/HMDB51",
@@ -120,8 +151,13 @@ def main():
           f"{units} units, torch threads {torch.get_num_threads()}, prep workers {args.workers}")
     print(f"(a) FFmpeg decode alone (PyAV loop)       {rate_a:9.0f} frames/s  (1 process)")
     print(f"(b) decode + resize + 12x16 + DIS flow    {rate_b:9.0f} frames/s per core  = {rate_b / rate_a:.2f}x of (a)")
+    flops = c3d_flops()
+    print(f"(m) torch.mm 4096x4096 float32            {dense / 1e9:9.1f} GFLOP/s (the dense bar on these cores)")
     print(f"(c) C3D alone, batches in memory          {bound:9.2f} clips/s  = {bound / 4 * 16:.1f} frames/s (4 streams; "
-          f"{bound_before:.2f} before (d), {bound_after:.2f} after)")
+          f"{bound_before:.2f} before (d), {bound_after:.2f} after), channels_last_3d")
+    print(f"    {flops / 1e9:.1f} GFLOP a clip: {bound * flops / 1e9:.1f} GFLOP/s = {bound * flops / dense:.0%} of (m); "
+          f"the contiguous layout {contiguous:.2f} clips/s = {contiguous * flops / dense:.0%} of (m) "
+          f"(channels_last_3d / contiguous: {bound_before / contiguous:.2f}x)")
     print(f"(d) extract-features, whole run           {pipeline:9.2f} clips/s  = {pipeline / bound:.0%} of (c) "
           f"({wall:.1f} s, start-up included)")
     run = record["last_run"]
