@@ -16,4 +16,4 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 .venv-bench/bin/python -c "import torch; print(f'torch=={torch.__version__}')" > "$constraints"
 .venv-bench/bin/python -m pip install -q -c "$constraints" -e ".[bench]" 2>&1 | quiet
-.venv-bench/bin/python -c "import torch, litdata; from bench.peers import mds_api; mds_api(); print(\"torch\", torch.__version__, \"litdata\", litdata.__version__, \"and MDS ready\")"
+.venv-bench/bin/python -c "import torch, litdata; from bench.peer_loaders import mds_api; mds_api(); print(\"torch\", torch.__version__, \"litdata\", litdata.__version__, \"and MDS ready\")"

@@ -6,7 +6,6 @@ video's four .npy files are renamed into place and journaled, so --resume contin
 stopped; features.json, written last, describes the whole tree.
 """
 
-import json
 import os
 import platform
 import shutil
@@ -18,24 +17,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from shards.atomic import atomic_write, remove_dead_temps, remove_quietly, write_json_atomic
-from shards.errors import BadVideoError, ELRError, OutputExistsError
+from shards.errors import BadVideoError
 from shards.lock import hold_output
 from shards.manifest import file_sha256
 from shards.parallel import dask_client, drain_workers
 from shards.progress import Progress
-from shards.schema import STREAMS
 
 from ingest.videos.flow import METHODS, check_method
 from ingest.videos.frames import FrameOptions, prepare_video
 from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
+from .tree import FEATURES_JSON, Journal, check_output, make_folders, output_paths, read_features_json
 
-FEATURES_JSON = "features.json"
-FORMAT = "elr-features/1"
-# What a journal written before an option was recorded was made with: frames in R, G, B order and
-# c3d-pytorch's pool5 (a --resume over such a run must start over: its features are not comparable)
-LEGACY_OPTIONS = {"channels": "rgb", "pool5": "port"}
 RANDOM_NOTE = "random C3D weights (--random-c3d): for tests and demos only, not features to report results on"
 
 
@@ -127,90 +121,6 @@ def load_networks(cfg: ExtractConfig) -> tuple:
     else:
         weights["flow"] = weights["rgb"]
     return {"rgb": rgb, "flow": flow}, weights
-
-
-def output_paths(out: str, split: str, job) -> dict:
-    """stream -> the seed's path of this video's features."""
-    return {s: os.path.join(out, split, f"{job.phase}_{suffix}", job.class_name, job.video + ".npy")
-            for s, suffix in STREAMS.items()}
-
-
-def read_features_json(out: str) -> dict:
-    path = os.path.join(out, FEATURES_JSON)
-    if not os.path.exists(path):
-        return {"format": FORMAT, "splits": {}}
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ELRError(f"{path}: unreadable ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ELRError(f"{path}: not a features.json of this tool (format {FORMAT})")
-    return doc
-
-
-class Journal:
-    """<out>/.<split>-features.jsonl: the options, then one line per finished or skipped video."""
-
-    def __init__(self, out: str, split: str):
-        self.path = os.path.join(out, f".{split}-features.jsonl")
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
-
-    def read(self) -> tuple:
-        with open(self.path) as f:
-            lines = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line is redone
-        return lines[0], lines[1:]
-
-    def start(self, header: dict) -> None:
-        with atomic_write(self.path, "w") as f:
-            f.write(json.dumps(header, sort_keys=True) + "\n")
-
-    def append(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def check_output(out: str, split: str, header: dict, cfg: ExtractConfig, journal: Journal) -> list:
-    """Decide what to do with what `out` already holds; returns the journal entries to keep (--resume)."""
-    done = read_features_json(out)["splits"].get(split)
-    tree = os.path.join(out, split)
-    if cfg.overwrite:
-        return []
-    if cfg.resume:
-        if journal.exists():
-            old, entries = journal.read()
-            old = {**LEGACY_OPTIONS, **old}
-            differ = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
-            if differ:
-                said = ", ".join(f"{k} {old.get(k)!r} (this run: {header.get(k)!r})" for k in differ)
-                raise OutputExistsError(f"{journal.path}: the interrupted run used other options: {said}; "
-                                        "run again without --resume, with --overwrite")
-            return entries
-        if done is not None:
-            raise OutputExistsError(f"{out}: {split} is already complete (features.json); nothing to resume")
-        if os.path.isdir(tree):
-            raise OutputExistsError(f"{tree}: holds files but no interrupted extraction to resume; --overwrite to replace")
-        return []
-    if done is not None or journal.exists():
-        state = "already holds the features of" if done is not None else "holds an interrupted extraction of"
-        raise OutputExistsError(f"{out}: {state} {split}; --resume to continue it or --overwrite to replace it")
-    if os.path.isdir(tree) and any(os.scandir(tree)):
-        raise OutputExistsError(f"{tree}: already holds a different tree (not written by extract-features); "
-                                "--overwrite to replace it")
-    return []
-
-
-def make_folders(out: str, split: str, jobs, classes) -> None:
-    """Every phase gets every class folder, empty or not: the seed reads its class list from <phase>/."""
-    for phase in sorted({job.phase for job in jobs}):
-        for class_name in classes:
-            os.makedirs(os.path.join(out, split, phase, class_name), exist_ok=True)
-            for suffix in STREAMS.values():
-                os.makedirs(os.path.join(out, split, f"{phase}_{suffix}", class_name), exist_ok=True)
 
 
 def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
