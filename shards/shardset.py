@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import remote
 from .errors import ManifestError, ShardCorruptError
-from .manifest import join_path, load_manifest, manifest_digest, parse_rows, phase_summary
+from .manifest import iter_phases, join_path, load_manifest, manifest_digest, parse_rows, phase_summary
 from .schema import LR
 from .tario import iter_decoded_samples
 
@@ -66,8 +66,8 @@ class ShardSet:
     def dim(self) -> int:
         return self.manifest["dim"]
 
-    @property
-    def digest(self) -> str:
+    @functools.cached_property
+    def digest(self) -> str:  # hashed once: a run stamps every checkpoint with it
         return manifest_digest(self.manifest)
 
     @property
@@ -83,7 +83,7 @@ class ShardSet:
 
     def video_counts(self) -> tuple:
         """(videos, skipped videos) over every phase (needs the sample tables: open with samples=True)."""
-        entries = [entry for split in self.manifest["splits"].values() for entry in split.values()]
+        entries = [entry for *_, entry in iter_phases(self.manifest)]
         return sum(len(e["samples"]) for e in entries), sum(len(e["skipped"]) for e in entries)
 
     def tar_shards(self, split: str, phases) -> list:

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import click
@@ -175,24 +176,15 @@ def train(cfg: TrainConfig, folder_held: bool = False) -> dict:
     Rank 0 holds --out for the run, unless its launcher does (`folder_held`)."""
     shard_set = preflight(cfg)
     setup = setup_process(cfg)
-    digest = shard_set.digest
-    folder = []
+    with ExitStack() as held:  # the run folder: released on the way out, removed if the run failed in it
 
-    def decide():
-        if setup.master and not folder_held:
-            folder.append(claim_run_folder(cfg))
-        return resume_decision(cfg, digest, setup.restart)
+        def decide():
+            if setup.master and not folder_held:
+                held.enter_context(claim_run_folder(cfg))
+            return resume_decision(cfg, shard_set.digest, setup.restart)
 
-    try:
         action, message = agree(setup, decide)
-        record = run_training(cfg, setup, shard_set, action, message)
-    except BaseException:
-        if folder:
-            folder[0].close(failed=True)
-        raise
-    if folder:
-        folder[0].close(failed=False)
-    return record
+        return run_training(cfg, setup, shard_set, action, message)
 
 
 def run_training(cfg: TrainConfig, setup: Setup, shard_set: ShardSet, action: str, message: str | None) -> dict:

@@ -98,7 +98,7 @@ class Rings:
     """Workers copy each micro-batch into their own shared-memory ring (elr.arena; page-locked on CUDA,
     so the copy to the GPU reads it where it lies) and send only its place; where a ring has no room,
     or there are none, the micro-batch travels as one shared-memory tensor. Rings are sized for one
-    step a DataLoader item (StepLoader._ring_bytes)."""
+    step a DataLoader item (StepLoader._arenas)."""
     steps_per_item = 1
 
     def __init__(self, arenas: list):
