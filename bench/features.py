@@ -11,7 +11,8 @@ On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by 
   (d) the whole extract-features run (dask workers preparing, C3D batched across videos): clips/s and its
       share of (c), with and without start-up, and the share of time C3D waited for data; then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
       per class from shards/data/hmdb51-units.tsv) on this machine.
-Random C3D weights at 112x112 cost exactly what the Sports-1M weights cost.
+C3D runs with PyTorch's default initial weights saved as a weights file: zero-padded borders and the
+same shapes cost exactly what the Sports-1M weights cost (--random-c3d's replicated borders cost more).
 """
 
 import argparse
@@ -88,10 +89,11 @@ def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20, memory_f
     import torch
 
     from ingest.c3d.batching import FeatureBatcher
-    from ingest.c3d.network import clips_to_input, random_c3d
+    from ingest.c3d.network import C3D, clips_to_input
 
     layout = {} if memory_format is None else {"memory_format": memory_format}
-    batcher = FeatureBatcher({"rgb": random_c3d(0)}, device, batch_size, dtype, **layout)
+    torch.manual_seed(0)
+    batcher = FeatureBatcher({"rgb": C3D()}, device, batch_size, dtype, **layout)
     clips = torch.randint(0, 256, (batch_size, 16, 112, 112, 3), dtype=torch.uint8, device=device)
 
     net = batcher.networks["rgb"]
@@ -120,6 +122,7 @@ def main():
 
     from ingest.videos.demo import DemoVideosConfig, make_demo_videos
     from ingest.c3d.extract import ExtractConfig, extract_features
+    from ingest.c3d.network import C3D
     from elr.model import resolve_device
 
     device = resolve_device(args.device)
@@ -137,9 +140,13 @@ def main():
     contiguous = c3d_bound(device, batch, dtype, memory_format=torch.contiguous_format)
     dense = dense_rate(device)
 
+    torch.manual_seed(0)
+    weights = f"{args.work}/c3d-default-init.pt"
+    torch.save(C3D().state_dict(), weights)
     t = time.perf_counter()
     record = extract_features(f"{args.work}/demo/videos", f"{args.work}/demo/splits", f"{args.work}/HMDB51",
-                              ExtractConfig(random_c3d=0, device=args.device, workers=args.workers, progress=False))
+                              ExtractConfig(c3d_weights=weights, device=args.device, workers=args.workers,
+                                            progress=False))
     wall = time.perf_counter() - t
     units = sum(v["units"] for v in record["videos"].values())
     pipeline = 4 * units / wall
