@@ -1,6 +1,7 @@
 """elr-ingest: videos -> the seed's C3D feature tree -> verified WebDataset and Zarr shards."""
 
 import json
+import os
 import sys
 
 import click
@@ -9,6 +10,7 @@ from shards.build import BuildConfig, build_shards, default_out
 from shards.cli import call, run_command_line
 from shards.demo import DemoConfig, make_demo
 from shards.info import format_info, shard_set_info
+from shards.parallel import job_index_from_env
 from shards.verify import verify_shards
 from shards.shardset import ShardSet
 
@@ -232,10 +234,18 @@ def info_cmd(shards, as_json):
               help="A bad video stops the run, or is skipped and listed in features.json.")
 @dask_workers_option
 @scheduler_option
-@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options.")
-@click.option("--overwrite", is_flag=True, help="Replace this split's features in --out.")
+@click.option("--num-jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Independent jobs sharing the split (a SLURM array, a Kubernetes indexed job, machines): "
+                   "each writes its share, balanced by frames; then --finish. [torchrun: WORLD_SIZE]")
+@click.option("--job-index", type=click.IntRange(min=0),
+              help="This job. [default: $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX; torchrun: RANK]")
+@click.option("--finish", is_flag=True,
+              help="Once all --num-jobs jobs are done: check that every video was extracted once, with the "
+                   "same options and weights, and write features.json.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (or job) with the same options.")
+@click.option("--overwrite", is_flag=True, help="Replace this split's features in --out (a job: its share).")
 @quiet_option
-def extract_features_cmd(videos, splits_dir, out, quiet, **options):
+def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, finish, **options):
     """Compute the seed's four C3D feature streams from VIDEOS (HMDB51's <class>/<video>.avi layout).
 
     Writes OUT/Split<K>/{Train,Validation,Test}_{hr,lr}[_optfl]_features/<class>/<video>.npy,
@@ -261,11 +271,33 @@ def extract_features_cmd(videos, splits_dir, out, quiet, **options):
           --out data/HMDB51 --c3d-weights c3d.pickle --split 2 --device cuda --workers 12
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
       elr-ingest extract-features ... --resume          # after an interruption
-    """
-    from ingest.c3d.extract import ExtractConfig, extract_features
 
-    cfg = call(ExtractConfig, progress=not quiet, **options)
-    record = call(extract_features, videos, splits_dir, out, cfg)
+    \b
+    Many GPUs or machines, each video exactly once (the tree equals one job's, byte for byte):
+      sbatch --array=0-7 --gres=gpu:1 --wrap "elr-ingest extract-features ... --num-jobs 8"
+      elr-ingest extract-features ... --num-jobs 8 --finish      # after all 8: checks, features.json
+      torchrun --nproc-per-node 8 -m ingest.cli extract-features ...   # ranks are jobs; rank 0 finishes
+    A killed job continues alone with --resume (the same --num-jobs and index).
+    """
+    import functools
+
+    from ingest.c3d.extract import ExtractConfig, extract_features
+    from ingest.c3d.jobs import run_as_ranks
+
+    ranks = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not finish
+    if job_index is None:
+        job_index = job_index_from_env()
+    if job_index is None:
+        if num_jobs > 1 and not finish and not ranks:
+            raise click.UsageError("--job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)")
+        job_index = 0
+    cfg = call(ExtractConfig, progress=not quiet, num_jobs=num_jobs, job_index=job_index, finish=finish, **options)
+    extract = functools.partial(extract_features, videos, splits_dir, out)
+    record = call(run_as_ranks, extract, cfg) if ranks else call(extract, cfg)
+    if "job" in record:
+        click.echo(f"job {record['job']} of {record['num_jobs']}: {record['videos']} videos done under {out}/Split"
+                   f"{cfg.split}; once every job is done: the same command with --finish", err=True)
+        return
     phases = ", ".join(f"{n} {p}" for p, n in record["phases"].items())
     skipped = len(record["skipped"])
     click.echo(f"wrote {len(record['videos'])} videos x 4 streams ({phases}) under {out}/Split{cfg.split}"

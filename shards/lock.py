@@ -12,11 +12,13 @@ with lockd), so writers on different machines exclude each other. A mount with `
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 
 from .atomic import remove_dead_temps
 from .errors import ELRError
@@ -118,6 +120,30 @@ class FileLock:
 def hold_output(out: str, command: str) -> FileLock:
     """The exclusive lock of output folder `out` for `command` (use as a context manager)."""
     return FileLock(lock_path(out), command, subject=os.path.abspath(out).rstrip(os.sep))
+
+
+@contextmanager
+def hold_alone(folder: str, command: str, parts: str, running_text: str):
+    """`folder` alone, for a merge: refused while jobs that share the folder hold the lock of one of its
+    `parts` (a glob; each job locks `<part>.lock`), naming them: '<folder>: <running_text>: <part> (pid
+    ... on ..., since ...); wait for them to finish'."""
+    lock = hold_output(folder, command)
+    try:
+        lock.acquire()
+    except OutputBusyError:
+        running = []
+        for part_lock in sorted(glob.glob(os.path.join(glob.escape(folder), parts + ".lock"))):
+            holder = read_holder(part_lock) if is_held(part_lock) else None
+            if holder:
+                running.append(f"{os.path.basename(part_lock)[:-5]} (pid {holder['pid']} on {holder['host']}, "
+                               f"since {holder['started']})")
+        if not running:
+            raise
+        raise OutputBusyError(f"{folder}: {running_text}: {', '.join(running)}; wait for them to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class OutputFolder:

@@ -89,6 +89,14 @@ def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
         yield w.client
 
 
+def job_index_from_env() -> int | None:
+    """SLURM arrays and Kubernetes indexed jobs say which job this is."""
+    for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def _in_worker(fn, *args):
     keep_freed_memory()  # on any cluster: dask's nanny starts workers with malloc settings that undo it
     return fn(*args)

@@ -11,6 +11,7 @@ from shards.build import BuildConfig, build_shards
 from shards.demo import DemoConfig, make_demo
 
 TINY = dict(classes=6, videos_per_class=3, dim=16, min_units=3, max_units=9)
+FAST = dict(random_c3d=0, side=16, progress=False)  # extract-features with 16x16 crops: C3D is cheap on 2 cores
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,33 @@ def dask_client():
                       silence_logs=logging.ERROR, scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"}
                       ) as cluster, Client(cluster) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory):
+    """Real encoded videos in HMDB51's layout with split files: (root, {class: {file: label}})."""
+    from videos import hmdb51_shaped
+
+    root = tmp_path_factory.mktemp("videos")
+    return str(root), hmdb51_shaped(str(root))
+
+
+@pytest.fixture(scope="session")
+def extracted(sample_tree, tmp_path_factory, dask_client):
+    """sample_tree's features by one extract-features run: (out, its features.json record)."""
+    from ingest.c3d.extract import ExtractConfig, extract_features
+
+    root, labels = sample_tree
+    out = str(tmp_path_factory.mktemp("features") / "HMDB51")
+    record = extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(**FAST), client=dask_client)
+    return out, record
+
+
+def features_of(out):
+    """{path under out: bytes} of every feature file of Split1."""
+    import glob
+
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(f"{out}/Split1/*/*/*.npy"))}
 
 
 @pytest.fixture(scope="session")

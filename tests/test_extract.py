@@ -17,29 +17,11 @@ from bench.seed import SeedDataLayer
 from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
-from videos import bad_videos, count_frames, encode, hmdb51_shaped, write_split_files
+from conftest import FAST, features_of
+from videos import bad_videos, count_frames, encode, write_split_files
 
 PHASE = {"1": "Train", "2": "Test", "0": "Validation"}
-FAST = dict(random_c3d=0, side=16, progress=False)  # 16x16 crops keep C3D cheap on 2 cores
 BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def sample_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    return str(root), hmdb51_shaped(str(root))
-
-
-@pytest.fixture(scope="module")
-def extracted(sample_tree, tmp_path_factory, dask_client):
-    root, labels = sample_tree
-    out = str(tmp_path_factory.mktemp("features") / "HMDB51")
-    record = extract_features(f"{root}/videos", f"{root}/splits", out, ExtractConfig(**FAST), client=dask_client)
-    return out, record
-
-
-def features_of(out):
-    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(f"{out}/Split1/*/*/*.npy"))}
 
 
 def test_tree_phases_shapes_units_alignment(sample_tree, extracted):

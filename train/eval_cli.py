@@ -6,7 +6,8 @@ import os
 import click
 
 from shards.cli import call, run_command_line
-from train.evaluate import EvalConfig, job_index_from_env, merge, run_eval
+from shards.parallel import job_index_from_env
+from train.evaluate import EvalConfig, merge, run_eval
 from train.report import format_table
 
 

@@ -16,7 +16,7 @@ from elr.data import batches
 from elr.model import load_weights, resolve_device, score_batches
 from shards.atomic import atomic_write, remove_dead_temps, temp_files
 from shards.errors import ELRError
-from shards.lock import FileLock, OutputBusyError, hold_output, is_held, lock_path, read_holder
+from shards.lock import FileLock, hold_alone, lock_path
 from shards.manifest import file_sha256
 from shards.shardset import ShardSet
 from shards.memory import keep_freed_memory
@@ -29,14 +29,6 @@ class EvalError(ELRError):
 
 def part_path(out: str, job: int, num_jobs: int) -> str:
     return os.path.join(out, f"part-{job:05d}-of-{num_jobs:05d}.npz")
-
-
-def job_index_from_env() -> int | None:
-    """SLURM arrays and Kubernetes indexed jobs say which job this is."""
-    for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return None
 
 
 @contextmanager
@@ -186,27 +178,9 @@ def merge(folder: str, shards: str | None = None, hold_folder: bool = True) -> d
         return write_reports(folder, stamp, keys, labels, logits, shard_set.classes)
 
 
-@contextmanager
 def hold_eval_folder(folder: str, command: str):
     """The folder alone (no job writing a part); refused with the running jobs named."""
-    lock = hold_output(folder, command)
-    try:
-        lock.acquire()
-    except OutputBusyError:
-        running = []
-        for part_lock in sorted(glob.glob(os.path.join(folder, "part-*.npz.lock"))):
-            holder = read_holder(part_lock) if is_held(part_lock) else None
-            if holder:
-                running.append(f"{os.path.basename(part_lock)[:-5]} (pid {holder['pid']} on {holder['host']}, "
-                               f"since {holder['started']})")
-        if not running:
-            raise
-        raise EvalError(f"{folder}: elr-eval run jobs are still writing parts: {', '.join(running)}; "
-                        "wait for them to finish") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    return hold_alone(folder, command, "part-*.npz", "elr-eval run jobs are still writing parts")
 
 
 def run_on_dask(client, cfg: EvalConfig) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 
 from shards.atomic import atomic_write, remove_dead_temps, remove_quietly, write_json_atomic
 from shards.errors import BadVideoError
-from shards.lock import hold_output
+from shards.lock import FileLock, hold_output, lock_path
 from shards.manifest import file_sha256
 from shards.parallel import dask_client, drain_workers
 from shards.progress import Progress
@@ -28,7 +28,9 @@ from ingest.videos.frames import FrameOptions, prepare_video
 from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
-from .tree import FEATURES_JSON, Journal, check_output, make_folders, output_paths, read_features_json
+from .jobs import balanced_share, finish_jobs
+from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
+                   read_features_json)
 
 RANDOM_NOTE = "random C3D weights (--random-c3d): for tests and demos only, not features to report results on"
 
@@ -52,6 +54,9 @@ class ExtractConfig:
     on_error: str = "fail"  # a bad video stops the run, or is skipped and listed in features.json
     workers: int = 0  # local dask worker processes for decoding and flow (0: one per core)
     scheduler: str | None = None  # a dask.distributed scheduler address instead of local workers
+    num_jobs: int = 1  # independent jobs sharing the split (jobs.py); each runs with its job_index
+    job_index: int = 0
+    finish: bool = False  # check the num_jobs jobs' journals and write features.json
     resume: bool = False  # continue an interrupted run of the same options
     overwrite: bool = False  # replace this split's tree in `out`
     progress: bool = True
@@ -83,6 +88,11 @@ class ExtractConfig:
             raise ValueError("--batch-size >= 0, --on-error fail|skip and --flow-bound > 0 are required")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        if not 0 <= self.job_index < self.num_jobs:
+            raise ValueError(f"--job-index {self.job_index} is out of range for --num-jobs {self.num_jobs} "
+                             f"(0..{self.num_jobs - 1})")
+        if self.finish and (self.num_jobs < 2 or self.resume or self.overwrite):
+            raise ValueError("--finish checks the journals of --num-jobs N > 1 jobs; without --resume or --overwrite")
 
     @property
     def frame_options(self) -> FrameOptions:
@@ -197,10 +207,38 @@ def ordered_results(client, jobs, cfg, device, window: int, shares_cores: bool):
 
 
 def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, client=None) -> dict:
-    """Write `out/Split<K>/...` and `out/features.json`; returns this split's features.json record."""
+    """Write `out/Split<K>/...` and `out/features.json`; returns this split's features.json record.
+    Job I of N (cfg.num_jobs > 1) writes its share and journal only and returns {"job": ...}; the
+    --finish step checks them all and writes features.json (jobs.py)."""
+    if cfg.finish:
+        plan = checked_plan(videos, splits, cfg)
+        split = f"Split{cfg.split}"
+        return finish_jobs(out, split, plan, cfg,
+                           lambda header, entries, timing: write_record(videos, splits, out, plan, header, entries, timing))
+    if cfg.num_jobs > 1:
+        journal = Journal(out, f"Split{cfg.split}", (cfg.job_index, cfg.num_jobs))
+        command = f"extract-features --job-index {cfg.job_index}"
+        # the jobs share the folder (a --finish or a one-job run takes it alone); each holds its journal
+        with FileLock(lock_path(out), command, subject=os.path.abspath(out), shared=True), \
+                FileLock(journal.path + ".lock", command, subject=journal.path):
+            return _extract(videos, splits, out, cfg, client)
     with hold_output(out, "extract-features"):
         remove_dead_temps(out)  # we hold the lock: whoever left them is dead
         return _extract(videos, splits, out, cfg, client)
+
+
+def checked_plan(videos: str, splits: str, cfg: ExtractConfig):
+    """The split's videos; a problem in the split files stops here unless --on-error skip."""
+    plan = plan_videos(videos, splits, cfg.split, cfg.validation)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if plan.problems and cfg.on_error == "fail":
+        path, message = plan.problems[0]
+        more = f" (and {len(plan.problems) - 1} more; --on-error skip lists them in features.json)" if len(plan.problems) > 1 else ""
+        raise SplitError(f"{path}: {message}{more}")
+    if not plan.jobs:
+        raise SplitError(f"{videos}: no video to extract for split {cfg.split}")
+    return plan
 
 
 def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
@@ -212,16 +250,9 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
 
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
-    plan = plan_videos(videos, splits, cfg.split, cfg.validation)
-    jobs, problems = plan.jobs, plan.problems
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if problems and cfg.on_error == "fail":
-        path, message = problems[0]
-        more = f" (and {len(problems) - 1} more; --on-error skip lists them in features.json)" if len(problems) > 1 else ""
-        raise SplitError(f"{path}: {message}{more}")
-    if not jobs:
-        raise SplitError(f"{videos}: no video to extract for split {cfg.split}")
+    plan = checked_plan(videos, splits, cfg)
+    jobs = plan.jobs
+    mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same bytes run to run
@@ -233,23 +264,27 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
     networks, weights = load_networks(cfg)
     cfg.resolved = {"device": device.type, "dtype": dtype, "batch_size": batch_size}
     header = {**cfg.record_options(), "weights": weights}
-    journal = Journal(out, split)
+    as_job = (cfg.job_index, cfg.num_jobs) if cfg.num_jobs > 1 else None
+    journal = Journal(out, split, as_job)
+    if as_job:
+        header["job"] = list(as_job)
     entries = check_output(out, split, header, cfg, journal)
     if cfg.overwrite:
-        shutil.rmtree(os.path.join(out, split), ignore_errors=True)
+        start_over(out, split, cfg.num_jobs)
         remove_quietly(journal.path)
     classes = sorted({job.class_name for job in jobs})
     make_folders(out, split, jobs, classes)
     if not entries:
         journal.start(header)
     finished = {e["id"] for e in entries}
-    todo = [job for job in jobs if job.id not in finished]
+    todo = [job for job in mine if job.id not in finished]
 
     batcher = FeatureBatcher(networks, device, batch_size, dtype)
     units_done, waited, first_at = 0, 0.0, None  # waited: C3D idle for want of a prepared video, after the first
     with dask_client(cfg.workers, cfg.scheduler, client) as c, \
-            Progress(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {split}", unit="video",
-                 disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
+            Progress(total=len(mine), initial=len(mine) - len(todo), unit="video", file=sys.stderr, leave=False,
+                     desc=f"extract {split}" + (f" job {cfg.job_index}/{cfg.num_jobs}" if as_job else ""),
+                     disable=not cfg.progress) as bar:
         window = 2 * max(1, len(c.scheduler_info()["workers"])) + 2
 
         def publish():
@@ -292,25 +327,48 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
         publish()
     timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(first_at, 3),
               "data_wait_seconds": round(waited, 3), "videos": len(todo), "units": units_done}
-
+    if as_job:
+        journal.append({"finished": timing})
+        return {"job": cfg.job_index, "num_jobs": cfg.num_jobs, "videos": len(mine), **timing}
     _, entries = journal.read()
+    record = write_record(videos, splits, out, plan, header, entries, timing)
+    remove_quietly(journal.path)
+    return record
+
+
+def start_over(out: str, split: str, num_jobs: int) -> None:
+    """--overwrite: forget this split's features.json record and the journals of other runs. One job of
+    several keeps the tree and the other jobs' journals (they write beside it; its own files are
+    replaced as it goes)."""
+    if num_jobs == 1:
+        shutil.rmtree(os.path.join(out, split), ignore_errors=True)
+    doc = read_features_json(out)
+    if doc["splits"].pop(split, None) is not None:
+        write_json_atomic(os.path.join(out, FEATURES_JSON), doc)
+    stale = [Journal(out, split).path] + [p for n, paths in job_journals(out, split).items() if n != num_jobs
+                                           for p in paths]
+    for path in stale:
+        remove_quietly(path)
+
+
+def write_record(videos: str, splits: str, out: str, plan, header: dict, entries: list, timing: dict) -> dict:
+    """Write this split's record into features.json (under the output's lock); returns it."""
     skipped = {e["id"]: e["skipped"] for e in entries if "skipped" in e}
-    written = [j for j in jobs if j.id not in skipped]
+    written = [j for j in plan.jobs if j.id not in skipped]
     record = {
-        **header, "versions": library_versions(), "inputs": {"videos": os.path.abspath(videos),
-                                                           "splits": os.path.abspath(splits)},
-        "classes": classes,
+        **{k: v for k, v in header.items() if k != "job"},
+        "versions": library_versions(), "inputs": {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)},
+        "classes": sorted({job.class_name for job in plan.jobs}),
         "phases": {p: n for p in PHASE_OF_LABEL.values() if (n := sum(j.phase == p for j in written))},
         "videos": {e["id"]: {k: v for k, v in e.items() if k != "id"} for e in entries if "skipped" not in e},
-        "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in problems}},
+        "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in plan.problems}},
         "unused": plan.unused,
         "warnings": plan.warnings,
-        "last_run": timing,  # this invocation (a resumed run: its part only)
+        "last_run": timing,  # this invocation (a resumed run: its part; --finish: the jobs')
     }
     if record["random_c3d"] is None:
         del record["random_c3d"]
     doc = read_features_json(out)
-    doc["splits"][split] = record
+    doc["splits"][f"Split{header['split']}"] = record
     write_json_atomic(os.path.join(out, FEATURES_JSON), doc)
-    remove_quietly(journal.path)
     return record

@@ -1,0 +1,176 @@
+"""extract-features as independent jobs (--num-jobs N --job-index I, then --finish) on real encoded
+videos: the tree one job writes, byte for byte; shares balanced by frames; a killed job resumed alone;
+and --finish refusing what is not a whole, consistent extraction, with one line naming it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import features_of, run_side_by_side, torchrun
+from ingest.c3d.jobs import balanced_share, header_frames
+from ingest.videos.splits import VideoJob, plan_videos
+from videos import count_frames
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two jobs on two cores: one thread each
+
+
+def command(root, out, *args, scheduler=None) -> list:
+    cmd = [os.path.join(BIN, "elr-ingest"), "extract-features", f"{root}/videos", "--splits", f"{root}/splits",
+           "--out", str(out), "--random-c3d", "0", "--crop-size", "16", "-q", *args]
+    return cmd + (["--scheduler", scheduler] if scheduler else ["--workers", "1"])
+
+
+def journal(out, index, num_jobs=2) -> str:
+    return os.path.join(out, f".Split1-features.job-{index:05d}-of-{num_jobs:05d}.jsonl")
+
+
+def one_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    return result.stderr.strip()
+
+
+def test_shares_are_balanced_by_frames_and_the_same_in_every_job():
+    jobs = [VideoJob("c", f"v{i}", f"/v{i}.avi", "Train") for i in range(7)]
+    frames = [1062, 18, 500, 480, 0, 40, 300]  # v4: a header without a count, taken as the median (480)
+    shares = [balanced_share(jobs, 2, i, frames) for i in range(2)]
+    # longest first, each to the lightest job: v0 1062 -> 0; v2 500, v3 480, v4 480 -> 1 (1460);
+    # v6 300, v5 40, v1 18 -> 0 (1420); each share in plan order
+    assert [[j.video for j in s] for s in shares] == [["v0", "v1", "v5", "v6"], ["v2", "v3", "v4"]]
+    loads = [sum(frames[int(j.video[1:])] or 480 for j in s) for s in shares]
+    assert loads == [1420, 1460]
+    # by count, one job would get both of the longest videos; by frames they are apart
+    assert balanced_share(jobs, 3, 0, frames) == [jobs[0]]
+
+
+def test_header_frames_match_the_decoded_frames(sample_tree):
+    root, _ = sample_tree
+    plan = plan_videos(f"{root}/videos", f"{root}/splits", 1, "label0")
+    declared = {job.id: header_frames(job.path) for job in plan.jobs}
+    assert all(declared[job.id] == count_frames(job.path) for job in plan.jobs), declared
+    assert header_frames(f"{root}/splits/run_test_split1.txt") == 0  # not a video: counted as the median
+
+
+def test_two_jobs_write_the_tree_of_one_and_a_killed_job_resumes_alone(sample_tree, extracted, tmp_path, dask_client):
+    root, _ = sample_tree
+    reference, record = extracted
+    out = tmp_path / "HMDB51"
+    job0 = command(root, out, "--num-jobs", "2", "--job-index", "0")
+    job1 = command(root, out, "--num-jobs", "2", scheduler=dask_client.scheduler.address)
+    # job 0 is killed after its first video; job 1 takes its index from a SLURM array's variable
+    proc = subprocess.Popen(job0, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(journal(out, 0)) and len(open(journal(out, 0)).readlines()) >= 2:  # the options, 1 video
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "job 0 ended before it could be killed"
+    killed_after = len(open(journal(out, 0)).readlines()) - 1
+    done = subprocess.run(job1, capture_output=True, text=True, env={**ENV, "SLURM_ARRAY_TASK_ID": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().endswith("once every job is done: the same command with --finish")
+
+    finish = command(root, out, "--num-jobs", "2", "--finish")
+    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
+        f"Error: {journal(out, 0)}: job 0 of 2 has not finished ({killed_after} of its videos done); run it again with "
+        "--num-jobs 2 --job-index 0 --resume")
+    assert one_line(subprocess.run(job0, capture_output=True, text=True, env=ENV)) == (
+        f"Error: {out}: holds this job's interrupted part of Split1; --resume to continue it or --overwrite "
+        "to replace it")
+    resumed = subprocess.run(job0 + ["--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = subprocess.run(finish, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    assert features_of(out) == features_of(reference)  # byte for byte
+    mine = json.load(open(out / "features.json"))["splits"]["Split1"]
+    assert {k: v for k, v in mine.items() if k not in ("last_run", "inputs")} == \
+        {k: v for k, v in record.items() if k not in ("last_run", "inputs")}
+    assert list(mine["videos"]) == list(record["videos"])  # plan order, as one job writes it
+    assert (mine["last_run"]["jobs"], mine["last_run"]["videos"]) == (2, len(record["videos"]) - killed_after)
+    assert sorted(os.listdir(out)) == ["Split1", "features.json"]  # journals and locks gone
+    again = subprocess.run(finish, capture_output=True, text=True)
+    assert one_line(again) == f"Error: {out}: Split1 is already complete (features.json); nothing to finish"
+
+
+def test_finish_refuses_a_missing_job_other_options_and_a_running_job(sample_tree, tmp_path, dask_client):
+    root, _ = sample_tree
+    out = tmp_path / "HMDB51"
+    scheduler = dask_client.scheduler.address
+    job0 = command(root, out, "--num-jobs", "2", "--job-index", "0", scheduler=scheduler)
+    job1 = command(root, out, "--num-jobs", "2", "--job-index", "1", "--flow-bound", "10", scheduler=scheduler)
+    finish = command(root, out, "--num-jobs", "2", "--finish")
+    assert subprocess.run(job0, capture_output=True, text=True, env=ENV, timeout=300).returncode == 0
+    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
+        f"Error: {journal(out, 1)}: job 1 of 2 has not run (no journal); run it with --num-jobs 2 --job-index 1")
+    # one job with another --flow-bound: refused by name, and nothing written
+    assert subprocess.run(job1, capture_output=True, text=True, env=ENV, timeout=300).returncode == 0
+    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
+        f"Error: {journal(out, 1)}: jobs 0 and 1 ran with other options or weights: flow_bound 20.0 (job 1: 10.0); "
+        "run job 1 again with --overwrite and the options of the others")
+    assert not os.path.exists(out / "features.json")
+    # a one-job run, or a third job count, into the same folder: refused, pointing at the jobs
+    single = subprocess.run(command(root, out, scheduler=scheduler), capture_output=True, text=True)
+    assert one_line(single) == (f"Error: {journal(out, 0)}: {out} holds an extraction in 2 jobs; finish it with "
+                                "--num-jobs 2 (--resume each unfinished job, then --finish) or --overwrite to replace it")
+    # job 1 again with --overwrite, paused once it holds its journal: --finish and a second job 1 are refused
+    redo = subprocess.Popen(command(root, out, "--num-jobs", "2", "--job-index", "1", "--overwrite", scheduler=scheduler),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lock = journal(out, 1) + ".lock"
+    deadline = time.time() + 60
+    while not (os.path.exists(lock) and os.path.getsize(lock)):
+        assert redo.poll() is None and time.time() < deadline, redo.communicate()[1][-3000:]
+        time.sleep(0.01)
+    os.killpg(redo.pid, signal.SIGSTOP)
+    try:
+        holder = json.load(open(lock))
+        refused = run_side_by_side([finish, command(root, out, "--num-jobs", "2", "--job-index", "1", "--resume",
+                                                    scheduler=scheduler)])
+        running = (f"{os.path.basename(journal(out, 1))} (pid {holder['pid']} on {holder['host']}, "
+                   f"since {holder['started']})")
+        assert one_line(refused[0]) == (f"Error: {out}: extract-features jobs are still running: {running}; "
+                                        "wait for them to finish")
+        assert one_line(refused[1]) == (f"Error: {journal(out, 1)}: extract-features --job-index 1 is writing here "
+                                        f"(pid {holder['pid']} on {holder['host']}, since {holder['started']}); "
+                                        "wait for it to finish or choose another --out")
+    finally:
+        os.killpg(redo.pid, signal.SIGCONT)
+    assert redo.wait(timeout=300) == 0, redo.stderr.read()[-3000:]
+    finished = subprocess.run(finish, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.load(open(out / "features.json"))["splits"]["Split1"]["flow_bound"] == 20.0
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--num-jobs", "2"], "Error: --job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)"),
+    (["--num-jobs", "2", "--job-index", "2"], "Error: --job-index 2 is out of range for --num-jobs 2 (0..1)"),
+    (["--finish"], "Error: --finish checks the journals of --num-jobs N > 1 jobs; without --resume or --overwrite"),
+])
+def test_job_options_mistakes_are_one_line(sample_tree, tmp_path, args, line):
+    root, _ = sample_tree
+    result = subprocess.run(command(root, tmp_path / "out", *args), capture_output=True, text=True)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1:]) == (2 if "required" in line else 1, [line])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_torchrun_ranks_are_the_jobs_and_rank_0_finishes(sample_tree, extracted, tmp_path, dask_client):
+    root, _ = sample_tree
+    reference, record = extracted
+    out = tmp_path / "HMDB51"
+    cmd = command(root, out, scheduler=dask_client.scheduler.address)
+    launched = subprocess.run(torchrun("--nproc-per-node", "2", "-m", "ingest.cli", *cmd[1:]), capture_output=True,
+                              text=True, env=ENV, timeout=300, cwd=REPO)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert features_of(out) == features_of(reference)
+    mine = json.load(open(out / "features.json"))["splits"]["Split1"]
+    assert mine["videos"] == record["videos"] and mine["last_run"]["jobs"] == 2
+    assert sorted(os.listdir(out)) == ["Split1", "features.json"]
