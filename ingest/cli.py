@@ -234,6 +234,10 @@ def info_cmd(shards, as_json):
               help="A bad video stops the run, or is skipped and listed in features.json.")
 @dask_workers_option
 @scheduler_option
+@click.option("--c3d-workers", default=0, type=COUNT, metavar="N",
+              help="Start N local dask workers with a GPU each (dask-cuda's LocalCUDACluster where installed) "
+                   "and run C3D on them, batched across the videos each holds. A --scheduler's workers do "
+                   "this by themselves when started with --resources GPU=1.")
 @click.option("--num-jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Independent jobs sharing the split (a SLURM array, a Kubernetes indexed job, machines): "
                    "each writes its share, balanced by frames; then --finish. [torchrun: WORLD_SIZE]")

@@ -10,6 +10,8 @@ from .progress import Progress
 
 from .memory import keep_freed_memory
 
+GPU = "GPU"  # the worker resource that says a worker has a GPU of its own (dask's worker resources)
+
 
 class Workers:
     """Where a command's tasks run. `client` waits for a local cluster that is still starting;
@@ -26,17 +28,25 @@ class Workers:
         return self._client
 
 
-def _start_local_cluster(n: int):
+def _start_local_cluster(n: int, gpu_workers: bool = False):
     from dask.distributed import Client, LocalCluster
 
     # processes: tar writing and npy decoding hold the GIL, threads would not scale;
     # worker logs are silenced because a task's error reaches the caller as the exception itself
     # no dashboard, and its HTTP server (health checks) on a free port: a second cluster on this
     # machine would otherwise warn that 8787 is taken
-    cluster = LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
-        scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"},
-    )
+    quiet = dict(dashboard_address=None, silence_logs=logging.CRITICAL,
+                 scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"})
+    if gpu_workers:  # one worker per GPU, each with a GPU resource and a share of the cores
+        try:
+            from dask_cuda import LocalCUDACluster  # pins each worker to its GPU (CUDA_VISIBLE_DEVICES)
+
+            cluster = LocalCUDACluster(n_workers=n, resources={GPU: 1}, **quiet)
+        except ImportError:
+            cluster = LocalCluster(n_workers=n, threads_per_worker=max(1, (os.cpu_count() or 1) // n), processes=True,
+                                   resources={GPU: 1}, **quiet)
+    else:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, **quiet)
     try:
         return cluster, Client(cluster)
     except BaseException:
@@ -56,10 +66,11 @@ def _stop_local_cluster(starting, quiet: bool) -> None:
 
 
 @contextmanager
-def start_workers(workers: int = 0, scheduler: str | None = None, client=None):
+def start_workers(workers: int = 0, scheduler: str | None = None, client=None, gpu_workers: int = 0):
     """Workers for a command: `client` itself if given, else one connected to `scheduler`, else a
-    local process cluster, started in a thread so that the caller's own work (scanning the source
-    headers, say) overlaps its start-up (0.6-1.3 s on 2 cores)."""
+    local process cluster (or `gpu_workers` workers with a GPU resource each), started in a thread so
+    that the caller's own work (scanning the source headers, say) overlaps its start-up (0.6-1.3 s on
+    2 cores)."""
     if workers < 0:
         raise ValueError(f"--dask-workers must be >= 0 (0: one per core), got {workers}")
     if client is not None:
@@ -72,7 +83,10 @@ def start_workers(workers: int = 0, scheduler: str | None = None, client=None):
             yield Workers(client)
         return
     starter = ThreadPoolExecutor(1, thread_name_prefix="dask-start")
-    starting = starter.submit(_start_local_cluster, workers or os.cpu_count() or 1)
+    if gpu_workers:
+        starting = starter.submit(_start_local_cluster, gpu_workers, True)
+    else:
+        starting = starter.submit(_start_local_cluster, workers or os.cpu_count() or 1)
     starter.shutdown(wait=False)  # its thread ends once the cluster is up
     try:
         yield Workers(starting=starting)
@@ -83,10 +97,15 @@ def start_workers(workers: int = 0, scheduler: str | None = None, client=None):
 
 
 @contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, client=None):
+def dask_client(workers: int = 0, scheduler: str | None = None, client=None, gpu_workers: int = 0):
     """A dask Client: `client` itself if given, else one connected to `scheduler`, else a local process cluster."""
-    with start_workers(workers, scheduler, client) as w:
+    with start_workers(workers, scheduler, client, gpu_workers) as w:
         yield w.client
+
+
+def gpu_worker_count(client) -> int:
+    """How many workers of the cluster declare a GPU resource (dask-worker --resources GPU=1)."""
+    return sum(1 for w in client.scheduler_info()["workers"].values() if w.get("resources", {}).get(GPU, 0) > 0)
 
 
 def job_index_from_env() -> int | None:

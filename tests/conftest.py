@@ -44,6 +44,19 @@ def extracted(sample_tree, tmp_path_factory, dask_client):
     return out, record
 
 
+@pytest.fixture(scope="session")
+def bad_tree(tmp_path_factory):
+    """One class of four broken files, one good class: (root, {file: problem})."""
+    from videos import bad_videos, decode, encode, sample_path, write_split_files
+
+    root = tmp_path_factory.mktemp("bad")
+    problems = bad_videos(str(root / "videos" / "broken"))
+    encode(os.path.join(str(root / "videos" / "fine"), "fine_0.avi"), decode(sample_path("carphone_pristine.mp4"), 0, 20))
+    labels = {"broken": {name: "1" for name in problems}, "fine": {"fine_0.avi": "2"}}
+    write_split_files(str(root / "splits"), labels)
+    return str(root), problems
+
+
 def features_of(out):
     """{path under out: bytes} of every feature file of Split1."""
     import glob

@@ -18,7 +18,7 @@ from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
 from conftest import FAST, features_of
-from videos import bad_videos, count_frames, encode, write_split_files
+from videos import count_frames, encode, write_split_files
 
 PHASE = {"1": "Train", "2": "Test", "0": "Validation"}
 BIN = os.path.dirname(sys.executable)
@@ -105,20 +105,6 @@ def test_validation_none_leaves_label0_out(sample_tree, tmp_path, dask_client):
     assert sorted(record["unused"]) == ["ride_bike/bikes_3_ride_bike_gray_np1_2.avi",
                                         "talk/Car_(phone)_#3_talk_h_nm_np1_2.avi"]
     assert not os.path.exists(tmp_path / "out" / "Split1" / "Validation_lr_features")
-
-
-@pytest.fixture(scope="module")
-def bad_tree(tmp_path_factory):
-    """One class of four broken files, one good class."""
-    root = tmp_path_factory.mktemp("bad")
-    problems = bad_videos(str(root / "videos" / "broken"))
-    good = str(root / "videos" / "fine")
-    from videos import decode, encode, sample_path
-
-    encode(os.path.join(good, "fine_0.avi"), decode(sample_path("carphone_pristine.mp4"), 0, 20))
-    labels = {"broken": {name: "1" for name in problems}, "fine": {"fine_0.avi": "2"}}
-    write_split_files(str(root / "splits"), labels)
-    return str(root), problems
 
 
 def test_each_bad_video_is_one_clear_error(bad_tree, tmp_path, dask_client):

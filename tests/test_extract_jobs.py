@@ -1,6 +1,7 @@
-"""extract-features as independent jobs (--num-jobs N --job-index I, then --finish) on real encoded
-videos: the tree one job writes, byte for byte; shares balanced by frames; a killed job resumed alone;
-and --finish refusing what is not a whole, consistent extraction, with one line naming it."""
+"""extract-features at cluster scale on real encoded videos. As independent jobs (--num-jobs N
+--job-index I, then --finish): the tree one job writes, byte for byte; shares balanced by frames; a
+killed job resumed alone; --finish refusing what is not a whole, consistent extraction, with one line
+naming it. With C3D on dask workers that declare a GPU resource: the same tree again."""
 
 import json
 import os
@@ -11,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import features_of, run_side_by_side, torchrun
+from conftest import FAST, features_of, run_side_by_side, torchrun
 from ingest.c3d.jobs import balanced_share, header_frames
+from ingest.c3d.tasks import chunks
 from ingest.videos.splits import VideoJob, plan_videos
 from videos import count_frames
 
@@ -174,3 +176,44 @@ def test_torchrun_ranks_are_the_jobs_and_rank_0_finishes(sample_tree, extracted,
     mine = json.load(open(out / "features.json"))["splits"]["Split1"]
     assert mine["videos"] == record["videos"] and mine["last_run"]["jobs"] == 2
     assert sorted(os.listdir(out)) == ["Split1", "features.json"]
+
+
+def test_chunks_hold_about_eight_batches_of_clips_per_network():
+    jobs = [VideoJob("c", f"v{i}", f"/v{i}.avi", "Train") for i in range(6)]
+    # batch 8: 32 units per chunk (8 batches of 8 clips, two streams per network); frames // 16, at least 1
+    groups = chunks(jobs, [320, 200, 10, 160, 600, 16], batch_size=8)
+    assert [[j.video for j in g] for g in groups] == [["v0", "v1"], ["v2", "v3", "v4"], ["v5"]]  # 32, 48, 1 units
+
+
+def test_c3d_on_local_gpu_workers_writes_the_same_tree(sample_tree, extracted, tmp_path):
+    """--c3d-workers 2 (here on the CPU: workers with a GPU resource and no GPU run C3D on their cores)."""
+    root, _ = sample_tree
+    reference, record = extracted
+    out = tmp_path / "HMDB51"
+    result = subprocess.run(command(root, out, "--c3d-workers", "2")[:-2], capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert features_of(out) == features_of(reference)
+    mine = json.load(open(out / "features.json"))["splits"]["Split1"]
+    assert mine["videos"] == record["videos"] and mine["last_run"]["c3d"] == "workers"
+
+
+def test_a_schedulers_gpu_workers_run_c3d_and_skip_bad_videos(bad_tree, tmp_path):
+    """Workers that declare a GPU resource are found on their own; a bad video in a chunk is skipped by
+    name while its chunk's other videos are written."""
+    from dask.distributed import Client, LocalCluster
+
+    from ingest.c3d.extract import ExtractConfig, extract_features
+
+    root, _ = bad_tree
+    with LocalCluster(n_workers=1, threads_per_worker=2, resources={"GPU": 1}, dashboard_address=None,
+                      scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"}) as cluster, \
+            Client(cluster) as client:
+        cfg = ExtractConfig(**FAST, on_error="skip")
+        on_workers = extract_features(f"{root}/videos", f"{root}/splits", str(tmp_path / "a"), cfg, client=client)
+    here = extract_features(f"{root}/videos", f"{root}/splits", str(tmp_path / "b"), ExtractConfig(**FAST, on_error="skip"),
+                            client=None)
+    assert on_workers["last_run"]["c3d"] == "workers" and here["last_run"]["c3d"] == "here"
+    assert on_workers["skipped"] == here["skipped"] and len(here["skipped"]) >= 3
+    assert on_workers["videos"] == here["videos"] and here["videos"]
+    assert features_of(tmp_path / "a") == features_of(tmp_path / "b")

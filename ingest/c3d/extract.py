@@ -6,12 +6,12 @@ video's four .npy files are renamed into place and journaled, so --resume contin
 stopped; features.json, written last, describes the whole tree.
 """
 
+import json
 import os
 import platform
 import shutil
 import sys
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,15 +20,16 @@ from shards.atomic import atomic_write, remove_dead_temps, remove_quietly, write
 from shards.errors import BadVideoError
 from shards.lock import FileLock, hold_output, lock_path
 from shards.manifest import file_sha256
-from shards.parallel import dask_client, drain_workers
+from shards.parallel import GPU, gpu_worker_count, start_workers
 from shards.progress import Progress
 
 from ingest.videos.flow import METHODS, check_method
-from ingest.videos.frames import FrameOptions, prepare_video
+from ingest.videos.frames import FrameOptions
 from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
-from .jobs import balanced_share, finish_jobs
+from .jobs import balanced_share, finish_jobs, header_frames
+from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
                    read_features_json)
 
@@ -54,6 +55,7 @@ class ExtractConfig:
     on_error: str = "fail"  # a bad video stops the run, or is skipped and listed in features.json
     workers: int = 0  # local dask worker processes for decoding and flow (0: one per core)
     scheduler: str | None = None  # a dask.distributed scheduler address instead of local workers
+    c3d_workers: int = 0  # local workers with a GPU resource each, running C3D themselves (one per GPU)
     num_jobs: int = 1  # independent jobs sharing the split (jobs.py); each runs with its job_index
     job_index: int = 0
     finish: bool = False  # check the num_jobs jobs' journals and write features.json
@@ -88,6 +90,9 @@ class ExtractConfig:
             raise ValueError("--batch-size >= 0, --on-error fail|skip and --flow-bound > 0 are required")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        if self.c3d_workers < 0 or (self.c3d_workers and self.scheduler):
+            raise ValueError("--c3d-workers N (>= 0) starts local GPU workers; a --scheduler's workers run C3D "
+                             "themselves when they declare a GPU resource (dask-worker --resources GPU=1)")
         if not 0 <= self.job_index < self.num_jobs:
             raise ValueError(f"--job-index {self.job_index} is out of range for --num-jobs {self.num_jobs} "
                              f"(0..{self.num_jobs - 1})")
@@ -133,79 +138,6 @@ def load_networks(cfg: ExtractConfig) -> tuple:
     return {"rgb": rgb, "flow": flow}, weights
 
 
-def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
-    """Dask task: one video's clips, or the BadVideoError that says why not (a value: the caller skips
-    the video or stops).
-    shares_cores: the worker was started by this run, beside its C3D process."""
-    import cv2
-
-    cv2.setNumThreads(1)  # one video per worker process; the C3D process needs the cores too
-    if shares_cores:
-        _lower_priority()
-    raft = None
-    if frame_options.flow == "raft":
-        raft = _cached_raft(raft_weights, device)
-    try:
-        prepared = prepare_video(job.path, job.class_name, job.video, frame_options, raft)
-    except BadVideoError as e:
-        return e
-    prepared.job = job
-    return prepared
-
-
-_RAFT = {}
-
-
-def _lower_priority():
-    """Preparing runs ahead of C3D by a window of videos: on cores shared with C3D's threads it should
-    fill their gaps, not preempt them (one late thread stalls a whole parallel convolution). SCHED_IDLE
-    runs it only on otherwise idle cores (Linux); elsewhere, nice 10."""
-    if getattr(_lower_priority, "done", False):
-        return
-    _lower_priority.done = True
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.nice(10)
-        except OSError:
-            pass
-
-
-def _cached_raft(path, device):
-    if (path, device) not in _RAFT:
-        from ingest.videos.flow import load_raft
-
-        _RAFT[(path, device)] = load_raft(path).to(device)
-    return _RAFT[(path, device)]
-
-
-def ordered_results(client, jobs, cfg, device, window: int, shares_cores: bool):
-    """Yield (job, result) in job order, with up to `window` videos prepared ahead."""
-    futures = deque()
-    todo = iter(jobs)
-
-    def submit():
-        job = next(todo, None)
-        if job is not None:
-            futures.append((job, client.submit(prepare_task, job, cfg.frame_options, cfg.raft_weights, str(device),
-                                               shares_cores, pure=False)))
-
-    for _ in range(window):
-        submit()
-    try:
-        while futures:
-            job, future = futures.popleft()
-            result = future.result()
-            submit()
-            yield job, result
-    except BaseException:  # an error here, or the caller stopping early (GeneratorExit from close())
-        if futures:
-            client.cancel([f for _, f in futures])
-            drain_workers(client)
-        raise
-
-
 def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, client=None) -> dict:
     """Write `out/Split<K>/...` and `out/features.json`; returns this split's features.json record.
     Job I of N (cfg.num_jobs > 1) writes its share and journal only and returns {"job": ...}; the
@@ -227,6 +159,103 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
         return _extract(videos, splits, out, cfg, client)
 
 
+class Waits:
+    """Iterate `items` (job, result), timing what the consumer waits for each after the first:
+    first_at: seconds from `t0` to the first (start-up: weights, cluster, the first video)."""
+
+    def __init__(self, items, t0: float):
+        self.items, self.t0, self.first_at, self.waited = items, t0, None, 0.0
+
+    def __iter__(self):
+        while True:
+            asked = time.perf_counter()
+            item = next(self.items, None)
+            if self.first_at is None:
+                self.first_at = time.perf_counter() - self.t0
+            else:
+                self.waited += time.perf_counter() - asked
+            if item is None:
+                return
+            yield item
+
+
+def c3d_here(workers, todo, networks, cfg):
+    """(job, (info, features) | BadVideoError) in job order: the workers prepare the videos, C3D runs in
+    this process, batched across them. Waits: how long C3D waited for a prepared video."""
+    import torch
+
+    from elr.model import resolve_device
+
+    from .batching import FeatureBatcher
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same bytes run to run
+    batcher = FeatureBatcher(networks, device, cfg.resolved["batch_size"], cfg.resolved["dtype"])
+    client = workers.client
+    window = 2 * max(1, len(client.scheduler_info()["workers"])) + 2
+    # a cluster this run started shares this machine's cores with C3D; another one is left as it is
+    tasks = ((job, prepare_task, job, cfg.frame_options, cfg.raft_weights, str(device), workers.local) for job in todo)
+    prepared = Waits(ordered_results(client, tasks, window), time.perf_counter())
+
+    def videos():
+        try:
+            for job, result in prepared:
+                if isinstance(result, BadVideoError):
+                    yield job, result
+                    continue
+                batcher.add(result)
+                yield from ((v.job, (v.info, features)) for v, features in batcher.done())
+        finally:
+            prepared.items.close()  # cancels what is still queued while the client is up
+        batcher.flush()
+        yield from ((v.job, (v.info, features)) for v, features in batcher.done())
+
+    return _Timed(videos(), prepared)
+
+
+def c3d_on_workers(client, todo, networks, weights, cfg):
+    """(job, (info, features) | BadVideoError) in job order from chunks of videos that workers with a
+    GPU resource prepare and run C3D on. Waits: how long this process waited for their results."""
+    frames = [header_frames(job.path) for job in todo]
+    groups = chunks(todo, frames, cfg.resolved["batch_size"])
+    [shared] = client.scatter([networks], broadcast=True)  # the weights travel once to each worker
+    key = json.dumps(weights, sort_keys=True)
+    window = 2 * max(1, gpu_worker_count(client)) + 1
+    tasks = chunk_tasks(groups, shared, key, cfg, cfg.resolved, cfg.c3d_workers > 0)
+    done = Waits(ordered_results(client, tasks, window, resources={GPU: 1}), time.perf_counter())
+
+    def videos():
+        try:
+            for _, results in done:
+                yield from results
+        finally:
+            done.items.close()
+
+    return _Timed(videos(), done)
+
+
+class _Timed:
+    """An iterator of results that carries the Waits of the stream it came from."""
+
+    def __init__(self, items, waits: Waits):
+        self.items, self.waits = items, waits
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def close(self):
+        self.items.close()  # cancels the tasks still queued: call it while the client is up
+
+    @property
+    def first_at(self):
+        return self.waits.first_at
+
+    @property
+    def waited(self):
+        return self.waits.waited
+
+
 def checked_plan(videos: str, splits: str, cfg: ExtractConfig):
     """The split's videos; a problem in the split files stops here unless --on-error skip."""
     plan = plan_videos(videos, splits, cfg.split, cfg.validation)
@@ -242,91 +271,65 @@ def checked_plan(videos: str, splits: str, cfg: ExtractConfig):
 
 
 def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
-    import torch
-
-    from elr.model import resolve_device
-
-    from .batching import FeatureBatcher
-
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
     plan = checked_plan(videos, splits, cfg)
     jobs = plan.jobs
     mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same bytes run to run
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype == "bfloat16" and device.type != "cuda":
-        raise ValueError("--dtype bfloat16 runs on a GPU only (--device cuda)")
-    batch_size = cfg.batch_size or (64 if device.type == "cuda" else 8)
     check_method(cfg.flow, cfg.raft_weights)
     networks, weights = load_networks(cfg)
-    cfg.resolved = {"device": device.type, "dtype": dtype, "batch_size": batch_size}
-    header = {**cfg.record_options(), "weights": weights}
-    as_job = (cfg.job_index, cfg.num_jobs) if cfg.num_jobs > 1 else None
-    journal = Journal(out, split, as_job)
-    if as_job:
-        header["job"] = list(as_job)
-    entries = check_output(out, split, header, cfg, journal)
-    if cfg.overwrite:
-        start_over(out, split, cfg.num_jobs)
-        remove_quietly(journal.path)
-    classes = sorted({job.class_name for job in jobs})
-    make_folders(out, split, jobs, classes)
-    if not entries:
-        journal.start(header)
-    finished = {e["id"] for e in entries}
-    todo = [job for job in mine if job.id not in finished]
+    with start_workers(cfg.workers, cfg.scheduler, client, cfg.c3d_workers) as workers:
+        # C3D runs here, or on the workers where they declare GPUs (or --c3d-workers started them)
+        on_workers = cfg.c3d_workers > 0 or (not workers.local and gpu_worker_count(workers.client) > 0)
+        if on_workers:
+            cfg.resolved = workers.client.submit(resolve_here, cfg.device, cfg.dtype, cfg.batch_size,
+                                                 cfg.c3d_workers > 0, resources={GPU: 1}, pure=False).result()
+        else:
+            cfg.resolved = resolve_here(cfg.device, cfg.dtype, cfg.batch_size)
+        header = {**cfg.record_options(), "weights": weights}
+        as_job = (cfg.job_index, cfg.num_jobs) if cfg.num_jobs > 1 else None
+        journal = Journal(out, split, as_job)
+        if as_job:
+            header["job"] = list(as_job)
+        entries = check_output(out, split, header, cfg, journal)
+        if cfg.overwrite:
+            start_over(out, split, cfg.num_jobs)
+            remove_quietly(journal.path)
+        make_folders(out, split, jobs, sorted({job.class_name for job in jobs}))
+        if not entries:
+            journal.start(header)
+        finished = {e["id"] for e in entries}
+        todo = [job for job in mine if job.id not in finished]
 
-    batcher = FeatureBatcher(networks, device, batch_size, dtype)
-    units_done, waited, first_at = 0, 0.0, None  # waited: C3D idle for want of a prepared video, after the first
-    with dask_client(cfg.workers, cfg.scheduler, client) as c, \
-            Progress(total=len(mine), initial=len(mine) - len(todo), unit="video", file=sys.stderr, leave=False,
-                     desc=f"extract {split}" + (f" job {cfg.job_index}/{cfg.num_jobs}" if as_job else ""),
-                     disable=not cfg.progress) as bar:
-        window = 2 * max(1, len(c.scheduler_info()["workers"])) + 2
-
-        def publish():
-            nonlocal units_done
-            for prepared, features in batcher.done():
-                job = prepared.job
-                for stream, path in output_paths(out, split, job).items():
-                    with atomic_write(path) as f:
-                        np.save(f, features[stream], allow_pickle=False)
-                journal.append({"id": job.id, "phase": job.phase, **prepared.info})
-                units_done += prepared.info["units"]
-                bar.update(1)
-                busy = time.perf_counter() - t0 - first_at
-                bar.set_postfix_str(f"{units_done / max(busy, 1e-9):.1f} units/s, data wait {waited / max(busy, 1e-9):.0%}")
-
-        # a cluster this run starts shares this machine's cores with C3D; another one is left as it is
-        shares_cores = client is None and not cfg.scheduler
-        results = ordered_results(c, todo, cfg, device, window, shares_cores)
-        try:
-            while True:
-                asked = time.perf_counter()
-                job, result = next(results, (None, None))
-                if first_at is None:
-                    first_at = time.perf_counter() - t0  # start-up: plan, weights, cluster, the first video
-                else:
-                    waited += time.perf_counter() - asked
-                if job is None:
-                    break
-                if isinstance(result, BadVideoError):  # --on-error fail stops here
-                    if cfg.on_error == "fail":
-                        raise result
-                    journal.append({"id": job.id, "phase": job.phase, "skipped": str(result)})
+        units_done = 0
+        if on_workers:
+            results = c3d_on_workers(workers.client, todo, networks, weights, cfg)
+        else:
+            results = c3d_here(workers, todo, networks, cfg)
+        with Progress(total=len(mine), initial=len(mine) - len(todo), unit="video", file=sys.stderr, leave=False,
+                      desc=f"extract {split}" + (f" job {cfg.job_index}/{cfg.num_jobs}" if as_job else ""),
+                      disable=not cfg.progress) as bar:
+            try:
+                for job, result in results:
+                    if isinstance(result, BadVideoError):  # --on-error fail stops here
+                        if cfg.on_error == "fail":
+                            raise result
+                        journal.append({"id": job.id, "phase": job.phase, "skipped": str(result)})
+                    else:
+                        info, features = result
+                        for stream, path in output_paths(out, split, job).items():
+                            with atomic_write(path) as f:
+                                np.save(f, features[stream], allow_pickle=False)
+                        journal.append({"id": job.id, "phase": job.phase, **info})
+                        units_done += info["units"]
                     bar.update(1)
-                    continue
-                batcher.add(result)
-                publish()
-        finally:
-            results.close()  # cancels what is still queued while the client is up
-        batcher.flush()
-        publish()
-    timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(first_at, 3),
-              "data_wait_seconds": round(waited, 3), "videos": len(todo), "units": units_done}
+                    busy = max(time.perf_counter() - t0 - results.first_at, 1e-9)
+                    bar.set_postfix_str(f"{units_done / busy:.1f} units/s, data wait {results.waited / busy:.0%}")
+            finally:
+                results.close()
+    timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(results.first_at or 0, 3),
+              "data_wait_seconds": round(results.waited, 3), "videos": len(todo), "units": units_done,
+              "c3d": "workers" if on_workers else "here"}
     if as_job:
         journal.append({"finished": timing})
         return {"job": cfg.job_index, "num_jobs": cfg.num_jobs, "videos": len(mine), **timing}
