@@ -1,6 +1,6 @@
 """How fast does extract-features turn videos into C3D features, against its bounds, in one run?
 
-    python -m bench.features [--videos 8] [--device cpu|cuda] [--rounds 2]
+    python -m bench.features [--videos 8] [--device cpu|cuda] [--rounds 2] [--jobs 1 2]
 
 On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by make-demo-videos):
   (a) FFmpeg's own decode of the files: a PyAV decode loop, no conversion, no processing
@@ -11,6 +11,11 @@ On HMDB51-sized synthetic videos (240x320, 48-80 frames, MPEG-4 AVI, written by 
   (d) the whole extract-features run (dask workers preparing, C3D batched across videos): clips/s and its
       share of (c), with and without start-up, and the share of time C3D waited for data; then the projected hours for all of HMDB51 (6,766 videos, 632,581 frames; units
       per class from shards/data/hmdb51-units.tsv) on this machine.
+  (j) the same videos as N independent jobs (--num-jobs N, each started as its own command with
+      cores/N threads and one preparing worker), then --finish, best of --rounds alternating rounds:
+      wall time per video (start-up and --finish included), whether the tree
+      equals the one job's byte for byte, and the hours HMDB51, UCF101 and Kinetics-400 take at that rate;
+      on a GPU (--device cuda) the rows for N GPUs scale the one-GPU rate (independent jobs share nothing).
 C3D runs with PyTorch's default initial weights saved as a weights file: zero-padded borders and the
 same shapes cost exactly what the Sports-1M weights cost (--random-c3d's replicated borders cost more).
 """
@@ -21,6 +26,13 @@ import shutil
 import time
 
 HMDB51_VIDEOS, HMDB51_FRAMES = 6766, 632_581
+# The environment as this script started: a dask LocalCluster sets OMP/MKL_NUM_THREADS=1 in its
+# parent's os.environ (for the workers it spawns), and torch in a child started later would then run
+# on one thread (MKL_NUM_THREADS=1 caps torch.get_num_threads())
+START_ENV = dict(os.environ)
+# units = videos x floor(mean frames / 16): UCF101 13,320 clips of 7.21 s mean at 25 fps (186 frames);
+# Kinetics-400 ~306,245 clips of 10 s at ~30 fps (300 frames)
+OTHER_SETS = {"UCF101": 13_320 * (186 // 16), "Kinetics-400": 306_245 * (300 // 16)}
 
 
 def hmdb51_units() -> int:
@@ -109,13 +121,41 @@ def c3d_bound(device, batch_size: int, dtype: str, seconds: float = 20, memory_f
     return n / (time.perf_counter() - t)
 
 
+def run_jobs(work: str, videos: str, splits: str, weights: str, n: int, device: str) -> float:
+    """N extract-features jobs started at once, then --finish; returns the wall time."""
+    import subprocess
+    import sys
+
+    out = f"{work}/jobs-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "ingest.cli", "extract-features", videos, "--splits", splits, "--out", out,
+           "--c3d-weights", weights, "--device", device, "--workers", "1", "-q"]
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    env = {**START_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    t = time.perf_counter()
+    if n == 1:
+        subprocess.run(cmd, check=True, env=env)
+    else:
+        procs = [subprocess.Popen(cmd + ["--num-jobs", str(n), "--job-index", str(i)], env=env) for i in range(n)]
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"a job of {n} failed")
+        subprocess.run(cmd + ["--num-jobs", str(n), "--finish"], check=True, env=env)
+    return time.perf_counter() - t
+
+
+def tree_bytes(out: str) -> dict:
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(f"{out}/Split1") for f in fs}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench/_work/features")
     ap.add_argument("--videos", type=int, default=8, help="synthetic videos (240x320, 48-80 frames)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=1, help="dask workers preparing videos in (d)")
-    ap.add_argument("--rounds", type=int, default=2, help="best of N for (a) and (b)")
+    ap.add_argument("--rounds", type=int, default=2, help="best of N for (a), (b) and (j)")
+    ap.add_argument("--jobs", type=int, nargs="*", default=[1, 2], help="job counts for (j); none: skip (j)")
     args = ap.parse_args()
 
     import torch
@@ -176,6 +216,31 @@ def main():
     print(f"HMDB51 ({HMDB51_VIDEOS:,} videos, {HMDB51_FRAMES:,} frames, {clips // 4:,} units, {clips:,} clips): "
           f"{clips / pipeline / 3600:.1f} h at (d) on this machine; preparation alone "
           f"{HMDB51_FRAMES / rate_b / 3600:.2f} core-hours")
+
+    if not args.jobs:
+        return
+    videos, splits = f"{args.work}/demo/videos", f"{args.work}/demo/splits"
+    walls = {}
+    for r in range(args.rounds):  # alternating rounds, best of each: the machine drifts over minutes
+        for n in (args.jobs if r % 2 == 0 else args.jobs[::-1]):
+            walls[n] = min(walls.get(n, float("inf")), run_jobs(args.work, videos, splits, weights, n, args.device))
+    first = tree_bytes(f"{args.work}/jobs-{args.jobs[0]}")
+    sets = {"HMDB51": hmdb51_units(), **OTHER_SETS}
+    for n, wall in walls.items():
+        same = tree_bytes(f"{args.work}/jobs-{n}") == first and bool(first)
+        rate = 4 * units / wall
+        hours = ", ".join(f"{name} {4 * u / rate / 3600:,.1f} h" for name, u in sets.items())
+        print(f"(j) {n} job{'s' if n > 1 else ' '} on this {'GPU' if device.type == 'cuda' else 'machine'}"
+              f"{'':12} {wall / len(paths):7.2f} s a video, {rate:6.2f} clips/s, {walls[args.jobs[0]] / wall:.2f}x "
+              f"of {args.jobs[0]} job; tree {'equals' if same else 'DIFFERS FROM'} {args.jobs[0]} job's byte for "
+              f"byte; {hours}")
+    if device.type == "cuda":
+        rate = 4 * units / walls[1] if 1 in walls else 4 * units / walls[args.jobs[0]] * args.jobs[0]
+        for gpus in (8, 64):
+            hours = ", ".join(f"{name} {4 * u / (rate * gpus) / 3600:,.1f} h" for name, u in sets.items())
+            print(f"(j) {gpus} GPUs, {gpus} jobs (the one-GPU rate x {gpus}){'':8} {hours}")
+    else:
+        print("(j) on N GPUs: unmeasured here (no GPU); `python -m bench.features --device cuda` prints these rows")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_train_bad_shard_sets_and_folders(shards, tmp_path):
     ("--data-streams", "0", "--data-streams must be >= 1, got 0"),
     ("--epochs", "0", "--epochs must be >= 1, got 0"),
     ("--nproc", "0", "--nproc must be >= 1, got 0"),
-    ("--nproc", "3", "--data-streams (8) must be a multiple of --nproc (3)"),
+    ("--nproc", "9", "--nproc (9) must be at most --data-streams (8): each process reads whole streams"),
     ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0, got -1"),
     ("--test-every", "0", "--test-every must be >= 1, got 0"),
     ("--lr", "0", "--lr must be a positive number, got 0.0"),

@@ -1,4 +1,4 @@
-"""train/ddp.py: the three launch ways, world-size invariance, kill and resume, learning."""
+"""train/ddp.py: the three launch ways, world-size invariance, kill and resume (on another number of processes too), learning."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -169,6 +170,69 @@ def test_max_restarts_recovers_from_a_killed_worker(train_shards, uninterrupted,
     workers[-1].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
     assert_same_weights(weights(out), weights(uninterrupted))
+
+
+# ---- resuming on another number of processes ------------------------------------------------------
+
+# 4 streams of 1 video a step (batch 8 sequences: LR and HR of 4 videos); 48 videos: 12 steps an epoch
+STREAMS4 = ["--hidden", "16", "--batch-size", "8", "--data-streams", "4", "--loader-workers", "0", "-q",
+            "--test-every", "1", "--epochs", "2", "--checkpoint-every", "1", "--log-samples"]
+
+
+def read_samples(out) -> list:
+    lines = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("samples-rank"):
+            lines += [json.loads(line) for line in open(os.path.join(out, name))]
+    return lines
+
+
+def steps_read(lines) -> Counter:
+    return Counter((x["epoch"], x["step"], x["stream"], tuple(x["keys"])) for x in lines)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted4(train_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted4")
+    run([sys.executable, TRAIN, "--out", str(out), "--shards", train_shards, *STREAMS4, "--nproc", "2"])
+    return out
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (3, 2)])
+def test_killed_on_w_processes_resumes_on_another_number(train_shards, uninterrupted4, tmp_path, before, after):
+    out = str(tmp_path / "run")
+    common = [sys.executable, TRAIN, "--out", out, "--shards", train_shards, *STREAMS4]
+    proc = subprocess.Popen(common + ["--nproc", str(before)], cwd=REPO, env=ENV, start_new_session=True,
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wait_for_step(out, 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (0, state["step"]) and 4 <= state["step"] < 12, "killed too late"
+    # what the killed run read and kept: the steps before its checkpoint (a step after it is redone)
+    kept = [x for x in read_samples(out) if x["step"] < state["step"]]
+    assert {x["world"] for x in kept} == {before}
+
+    run(common + ["--nproc", str(after), "--resume"])
+    later = [x for x in read_samples(out) if x["world"] == after]
+    assert {x["rank"] for x in later} == set(range(after))
+    clean = read_samples(uninterrupted4)
+    assert steps_read(kept + later) == steps_read(clean)  # every step's videos, each step once, as uninterrupted
+    epoch0 = Counter(k for x in kept + later if x["epoch"] == 0 for k in x["keys"])
+    assert len(epoch0) == 48 and sum(epoch0.values()) == 48  # 4 streams x 12 steps: every video exactly once
+    assert_same_weights(weights(out), weights(uninterrupted4))
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    want = [json.loads(line) for line in open(uninterrupted4 / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [m["step"] for m in want] == [12, 24]
+    for got, w in zip(metrics, want):
+        assert got["train_loss"] == pytest.approx(w["train_loss"], rel=1e-5) and got["test_acc"] == w["test_acc"]
+
+
+def test_more_processes_than_streams_is_refused_at_start(train_shards, tmp_path):
+    result = subprocess.run([sys.executable, TRAIN, "--out", str(tmp_path / "r"), "--shards", train_shards,
+                             *STREAMS4, "--nproc", "5"], capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "Error: --nproc (5) must be at most --data-streams (4): each process reads whole streams")
 
 
 def demo_shards(tmp_path, dask_client, **demo):

@@ -26,7 +26,8 @@ class TrainConfig:
     train_on: str = option("lr+hr", "lr+hr (coupled, the paper), lr or hr")
     amp: str = option("off", "mixed precision of the GRUs: bf16 | fp16 | off (the classifier stays float32)")
     test_every: int = option(5, "test on Test LR every N epochs, and after the last")
-    data_streams: int = option(8, "virtual data streams; a multiple of the number of processes")
+    data_streams: int = option(8, "virtual data streams: the data order, whatever the number of processes "
+                               "(at most this many; a run resumes on any number up to it)")
     shuffle_buffer: int = option(256, "videos per shuffle window, from which micro-batches are cut")
     length_bucketing: bool = option(False, "sort each shuffle window by length before cutting micro-batches "
                                     "(shorter GRU runs per micro-batch; HMDB51's lengths depend on class)")
@@ -39,6 +40,8 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its last.pt (same shard set and options)")
     export_seed: bool = option(False, "also write the seed's state_dict-epoch-N.pth at test epochs")
     quiet: bool = option(False, "no progress bar", "-q")
+    log_samples: bool = option(False, "write the videos of every step to <out>/samples-rank<R>.jsonl (epoch, step, "
+                               "stream, keys): what each rank actually read")
     nproc: int = option(1, "start this many local workers (when not already launched by torchrun with more)",
                         "--nprocs")
     max_restarts: int = option(0, "with --nproc: restart failed workers from the last checkpoint")
@@ -62,8 +65,8 @@ class TrainConfig:
         need(self.batch_size % (per_video * self.data_streams) == 0,
              f"--batch-size ({self.batch_size}) must be a multiple of --data-streams x sequences per video "
              f"({self.data_streams} x {per_video})")
-        need(self.data_streams % self.nproc == 0,
-             f"--data-streams ({self.data_streams}) must be a multiple of --nproc ({self.nproc})")
+        need(self.nproc <= self.data_streams,
+             f"--nproc ({self.nproc}) must be at most --data-streams ({self.data_streams}): each process reads whole streams")
 
     @property
     def micro_batch(self) -> int:

@@ -58,7 +58,7 @@ class EpochStats:
     loss_sum: float = 0.0  # sum of loss x sequences, over all ranks (summed at checkpoints and epoch ends)
     real_units: float = 0.0  # units of the steps' videos, over all ranks
     padded_units: float = 0.0  # units the same micro-batches padded to their longest video would hold
-    seqs: int = 0  # sequences of this rank
+    seqs: int = 0  # sequences of the epoch's global batches (ranks may hold unequal shares of a step)
     steps: int = 0
     wait: float = 0.0
     elapsed: float = 0.0
@@ -106,25 +106,35 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
         t0 = t_fetch = time.perf_counter()
         stopped = False
+        samples_log = None
+        if cfg.log_samples:  # line-buffered: a killed run's log ends at a whole step
+            samples_log = open(os.path.join(cfg.out, f"samples-rank{setup.rank}.jsonl"), "a", buffering=1)
         for group, batch in DevicePrefetcher(steps, inputs, setup.device):
             stats.wait += time.perf_counter() - t_fetch
             with ctx:  # the merged batch is this step's own: normalised in place
                 logits = self.ddp_model(*model_inputs(batch["lengths"], batch["rgb"], batch["flow"]))
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+            loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            # the mean over the global batch: DDP averages the ranks' gradients, and ranks may hold
+            # unequal shares of it (streams that the world size does not divide)
+            loss = loss_sum * (setup.world / cfg.batch_size)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.global_step += 1
             n, step = len(batch["labels"]), group[0]["step"]
-            sums[0] += loss.detach() * n
+            sums[0] += loss_sum.detach()
+            if samples_log:
+                samples_log.write("".join(json.dumps({"epoch": epoch, "step": step, "stream": mb["stream"],
+                                                      "keys": mb["keys"], "rank": setup.rank, "world": setup.world})
+                                          + "\n" for mb in group))
             real, padded = padded_units(group)
             sums[1] += real
             sums[2] += padded
-            stats.seqs, stats.steps = stats.seqs + n, stats.steps + 1
+            stats.seqs, stats.steps = stats.seqs + cfg.batch_size, stats.steps + 1
             bar.update(1)
             if stats.steps % 10 == 0 and not bar.disable:  # one loss.item() per log interval
-                bar.set_postfix(loss=f"{loss.item():.3f}", seq_s=f"{stats.seqs * setup.world / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", seq_s=f"{stats.seqs / (time.perf_counter() - t0):.0f}")
             stopped = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
             if stopped or (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0):
                 self._fold(stats, sums, t0)
@@ -136,6 +146,8 @@ class Trainer:
                 break
             t_fetch = time.perf_counter()
         bar.close()
+        if samples_log:
+            samples_log.close()
         self._fold(stats, sums, t0)
         return stats, stopped
 
@@ -254,9 +266,8 @@ def run_training(cfg: TrainConfig, setup: Setup, shard_set: ShardSet, action: st
 
 
 def epoch_record(cfg: TrainConfig, epoch: int, trainer: Trainer, stats: EpochStats) -> dict:
-    world = trainer.setup.world
-    return {"epoch": epoch + 1, "step": trainer.global_step, "train_loss": stats.loss_sum / max(stats.seqs * world, 1),
-            "samples_per_s": stats.seqs * world / max(stats.elapsed, 1e-9),
+    return {"epoch": epoch + 1, "step": trainer.global_step, "train_loss": stats.loss_sum / max(stats.seqs, 1),
+            "samples_per_s": stats.seqs / max(stats.elapsed, 1e-9),
             "padding": 1 - stats.real_units / max(stats.padded_units, 1),
             "data_wait": stats.wait / max(stats.elapsed, 1e-9), "test_acc": None,
             "chance": 1 / len(trainer.shard_set.classes)}

@@ -35,8 +35,9 @@ def setup_process(cfg: TrainConfig) -> Setup:
     keep_freed_memory()  # every step's batches reuse memory (and loader workers forked from here)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.data_streams % world:
-        raise ValueError(f"--data-streams ({cfg.data_streams}) must be a multiple of the number of processes ({world})")
+    if world > cfg.data_streams:
+        raise ValueError(f"{world} processes for --data-streams {cfg.data_streams}: each process reads whole streams, "
+                         f"so at most {cfg.data_streams} can share them")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)

@@ -20,10 +20,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, plan: StreamPlan, rank: int, world_size: int, fields, seed: int, buffer: int = 256,
                  bucket: bool = False):
-        if plan.n_streams % world_size:
-            raise ValueError(f"n_streams ({plan.n_streams}) must be a multiple of the world size ({world_size})")
+        if world_size > plan.n_streams:
+            raise ValueError(f"{world_size} ranks for {plan.n_streams} streams: a rank reads whole streams")
         self.plan, self.rank, self.world, self.fields = plan, rank, world_size, tuple(fields)
         self.seed, self.buffer, self.bucket = seed, buffer, bucket
+        # streams rank, rank + W, ...: where W does not divide the streams, ranks hold one more or one
+        # fewer (8 on 3: 3, 3, 2) and still run the same steps; the trainer weighs each rank's loss by
+        # its share of the global batch (see train/ddp.py), so the update is the same
         self.streams = list(range(rank, plan.n_streams, world_size))
         # (epoch, first step) in shared memory: persistent DataLoader workers hold copies of this
         # object made when they started, and read the position of each epoch from here
