@@ -37,6 +37,7 @@ def _start_local_cluster(n: int, gpu_workers: bool = False):
     # machine would otherwise warn that 8787 is taken
     quiet = dict(dashboard_address=None, silence_logs=logging.CRITICAL,
                  scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"})
+    environ = dict(os.environ)
     if gpu_workers:  # one worker per GPU, each with a GPU resource and a share of the cores
         try:
             from dask_cuda import LocalCUDACluster  # pins each worker to its GPU (CUDA_VISIBLE_DEVICES)
@@ -47,6 +48,14 @@ def _start_local_cluster(n: int, gpu_workers: bool = False):
                                    resources={GPU: 1}, **quiet)
     else:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, **quiet)
+    # dask's nanny sets OMP/MKL_NUM_THREADS=1 and malloc settings in *this* process's environment for
+    # the workers it spawns; a process this command starts later would inherit them (under
+    # MKL_NUM_THREADS=1 torch runs on one thread: measured, C3D at half speed in a child)
+    for key in set(os.environ) | set(environ):  # key by key: the calling thread may be reading it
+        if key not in environ:
+            del os.environ[key]
+        elif os.environ.get(key) != environ[key]:
+            os.environ[key] = environ[key]
     try:
         return cluster, Client(cluster)
     except BaseException:

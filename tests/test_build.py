@@ -280,3 +280,22 @@ def test_read_ahead_reads_every_file_and_closes_what_it_opened(demo_master):
     assert open_fds() > before
     gen.close()
     assert open_fds() == before
+
+
+def test_a_local_cluster_leaves_the_callers_environment_as_it_was():
+    """dask's nanny writes OMP/MKL_NUM_THREADS=1 into its parent's environment for the workers; a
+    process the command starts afterwards would inherit them (torch on one thread). Ours restores it."""
+    from shards.parallel import start_workers
+
+    previous = os.environ.get("MKL_NUM_THREADS")
+    os.environ["MKL_NUM_THREADS"] = "4"  # what a user set: the cluster must not leave it at 1
+    before = dict(os.environ)
+    try:
+        with start_workers(1) as workers:
+            assert workers.client.submit(os.getenv, "MKL_NUM_THREADS").result() == "1"  # the workers keep theirs
+            assert dict(os.environ) == before
+    finally:
+        if previous is None:
+            del os.environ["MKL_NUM_THREADS"]
+        else:
+            os.environ["MKL_NUM_THREADS"] = previous
