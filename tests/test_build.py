@@ -287,15 +287,12 @@ def test_a_local_cluster_leaves_the_callers_environment_as_it_was():
     process the command starts afterwards would inherit them (torch on one thread). Ours restores it."""
     from shards.parallel import start_workers
 
-    previous = os.environ.get("MKL_NUM_THREADS")
-    os.environ["MKL_NUM_THREADS"] = "4"  # what a user set: the cluster must not leave it at 1
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}  # as a user's shell has it
     before = dict(os.environ)
     try:
         with start_workers(1) as workers:
             assert workers.client.submit(os.getenv, "MKL_NUM_THREADS").result() == "1"  # the workers keep theirs
             assert dict(os.environ) == before
     finally:
-        if previous is None:
-            del os.environ["MKL_NUM_THREADS"]
-        else:
-            os.environ["MKL_NUM_THREADS"] = previous
+        os.environ.update(saved)
