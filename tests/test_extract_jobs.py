@@ -64,8 +64,9 @@ def test_two_jobs_write_the_tree_of_one_and_a_killed_job_resumes_alone(sample_tr
     root, _ = sample_tree
     reference, record = extracted
     out = tmp_path / "HMDB51"
-    job0 = command(root, out, "--num-jobs", "2", "--job-index", "0")
-    job1 = command(root, out, "--num-jobs", "2", scheduler=dask_client.scheduler.address)
+    scheduler = dask_client.scheduler.address
+    job0 = command(root, out, "--num-jobs", "2", "--job-index", "0", scheduler=scheduler)
+    job1 = command(root, out, "--num-jobs", "2", scheduler=scheduler)
     # job 0 is killed after its first video; job 1 takes its index from a SLURM array's variable
     proc = subprocess.Popen(job0, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     deadline = time.time() + 120
@@ -82,10 +83,12 @@ def test_two_jobs_write_the_tree_of_one_and_a_killed_job_resumes_alone(sample_tr
     assert done.stderr.strip().endswith("once every job is done: the same command with --finish")
 
     finish = command(root, out, "--num-jobs", "2", "--finish")
-    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
+    unfinished = subprocess.run(finish, capture_output=True, text=True)
+    rerun = subprocess.run(job0, capture_output=True, text=True, env=ENV)  # after: a job shares what --finish takes
+    assert one_line(unfinished) == (
         f"Error: {journal(out, 0)}: job 0 of 2 has not finished ({killed_after} of its videos done); run it again with "
         "--num-jobs 2 --job-index 0 --resume")
-    assert one_line(subprocess.run(job0, capture_output=True, text=True, env=ENV)) == (
+    assert one_line(rerun) == (
         f"Error: {out}: holds this job's interrupted part of Split1; --resume to continue it or --overwrite "
         "to replace it")
     resumed = subprocess.run(job0 + ["--resume"], capture_output=True, text=True, env=ENV, timeout=300)
@@ -111,19 +114,20 @@ def test_finish_refuses_a_missing_job_other_options_and_a_running_job(sample_tre
     job0 = command(root, out, "--num-jobs", "2", "--job-index", "0", scheduler=scheduler)
     job1 = command(root, out, "--num-jobs", "2", "--job-index", "1", "--flow-bound", "10", scheduler=scheduler)
     finish = command(root, out, "--num-jobs", "2", "--finish")
-    assert subprocess.run(job0, capture_output=True, text=True, env=ENV, timeout=300).returncode == 0
-    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
-        f"Error: {journal(out, 1)}: job 1 of 2 has not run (no journal); run it with --num-jobs 2 --job-index 1")
-    # one job with another --flow-bound: refused by name, and nothing written
-    assert subprocess.run(job1, capture_output=True, text=True, env=ENV, timeout=300).returncode == 0
-    assert one_line(subprocess.run(finish, capture_output=True, text=True)) == (
+    # the two jobs side by side, job 1 with another --flow-bound
+    assert [r.returncode for r in run_side_by_side([job0, job1], timeout=300, env=ENV)] == [0, 0]
+    # refused one after another (each takes the folder alone): a finish of 3 jobs, the finish of these 2
+    # (other options), a one-job run
+    three, two, single = (subprocess.run(cmd, capture_output=True, text=True) for cmd in
+                          (command(root, out, "--num-jobs", "3", "--finish"), finish, command(root, out, scheduler=scheduler)))
+    assert one_line(three) == (f"Error: {journal(out, 0, 3)}: job 0 of 3 has not run (no journal); run it with "
+                               "--num-jobs 3 --job-index 0")
+    assert one_line(two) == (
         f"Error: {journal(out, 1)}: jobs 0 and 1 ran with other options or weights: flow_bound 20.0 (job 1: 10.0); "
         "run job 1 again with --overwrite and the options of the others")
-    assert not os.path.exists(out / "features.json")
-    # a one-job run, or a third job count, into the same folder: refused, pointing at the jobs
-    single = subprocess.run(command(root, out, scheduler=scheduler), capture_output=True, text=True)
     assert one_line(single) == (f"Error: {journal(out, 0)}: {out} holds an extraction in 2 jobs; finish it with "
                                 "--num-jobs 2 (--resume each unfinished job, then --finish) or --overwrite to replace it")
+    assert not os.path.exists(out / "features.json")
     # job 1 again with --overwrite, paused once it holds its journal: --finish and a second job 1 are refused
     redo = subprocess.Popen(command(root, out, "--num-jobs", "2", "--job-index", "1", "--overwrite", scheduler=scheduler),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -186,11 +190,11 @@ def test_chunks_hold_about_eight_batches_of_clips_per_network():
 
 
 def test_c3d_on_local_gpu_workers_writes_the_same_tree(sample_tree, extracted, tmp_path):
-    """--c3d-workers 2 (here on the CPU: workers with a GPU resource and no GPU run C3D on their cores)."""
+    """--c3d-workers (here on the CPU: a worker with a GPU resource and no GPU runs C3D on its cores)."""
     root, _ = sample_tree
     reference, record = extracted
     out = tmp_path / "HMDB51"
-    result = subprocess.run(command(root, out, "--c3d-workers", "2")[:-2], capture_output=True, text=True, env=ENV,
+    result = subprocess.run(command(root, out, "--c3d-workers", "1")[:-2], capture_output=True, text=True, env=ENV,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert features_of(out) == features_of(reference)

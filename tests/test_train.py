@@ -176,7 +176,7 @@ def test_max_restarts_recovers_from_a_killed_worker(train_shards, uninterrupted,
 
 # 4 streams of 1 video a step (batch 8 sequences: LR and HR of 4 videos); 48 videos: 12 steps an epoch
 STREAMS4 = ["--hidden", "16", "--batch-size", "8", "--data-streams", "4", "--loader-workers", "0", "-q",
-            "--test-every", "1", "--epochs", "2", "--checkpoint-every", "1", "--log-samples"]
+            "--test-every", "2", "--epochs", "2", "--checkpoint-every", "1", "--log-samples"]
 
 
 def read_samples(out) -> list:

@@ -12,6 +12,7 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -278,9 +279,13 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
     mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
     check_method(cfg.flow, cfg.raft_weights)
     networks, weights = load_networks(cfg)
-    with start_workers(cfg.workers, cfg.scheduler, client, cfg.c3d_workers) as workers:
-        # C3D runs here, or on the workers where they declare GPUs (or --c3d-workers started them)
-        on_workers = cfg.c3d_workers > 0 or (not workers.local and gpu_worker_count(workers.client) > 0)
+    with ExitStack() as held:
+        # C3D runs here, or on the workers where they declare GPUs (or --c3d-workers started them); a
+        # cluster of our own starts once the output is checked (a refused run does not wait for it)
+        workers = None
+        if cfg.c3d_workers or cfg.scheduler or client is not None:
+            workers = held.enter_context(start_workers(cfg.workers, cfg.scheduler, client, cfg.c3d_workers))
+        on_workers = cfg.c3d_workers > 0 or (workers is not None and gpu_worker_count(workers.client) > 0)
         if on_workers:
             cfg.resolved = workers.client.submit(resolve_here, cfg.device, cfg.dtype, cfg.batch_size,
                                                  cfg.c3d_workers > 0, resources={GPU: 1}, pure=False).result()
@@ -300,6 +305,8 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
             journal.start(header)
         finished = {e["id"] for e in entries}
         todo = [job for job in mine if job.id not in finished]
+        if workers is None:
+            workers = held.enter_context(start_workers(cfg.workers))
 
         units_done = 0
         if on_workers:
