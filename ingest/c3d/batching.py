@@ -25,6 +25,8 @@ class FeatureBatcher:
                  memory_format=torch.channels_last_3d):
         self.device, self.batch_size = device, batch_size
         self.cuda = device.type == "cuda"
+        if self.cuda:  # the same bytes run to run (cuDNN's autotuner may pick another algorithm each time)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         # channels_last_3d: oneDNN's and cuDNN's fastest convolution layout (on 2 CPU cores, batch 8,
         # 112x112: 1.3x the contiguous layout, bench/features.py), with features equal within float rounding
         self.networks = {kind: net.to(device, memory_format=memory_format).eval() for kind, net in networks.items()}

@@ -29,7 +29,7 @@ from ingest.videos.frames import FrameOptions
 from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
-from .jobs import balanced_share, finish_jobs, header_frames
+from .jobs import balanced_share, finish_jobs, header_frame_counts
 from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
                    read_features_json)
@@ -180,24 +180,20 @@ class Waits:
             yield item
 
 
-def c3d_here(workers, todo, networks, cfg):
-    """(job, (info, features) | BadVideoError) in job order: the workers prepare the videos, C3D runs in
-    this process, batched across them. Waits: how long C3D waited for a prepared video."""
-    import torch
-
+def c3d_here(workers, todo, networks, cfg, t0: float) -> tuple:
+    """((job, (info, features) | BadVideoError) in job order, Waits): the workers prepare the videos,
+    C3D runs in this process, batched across them; the Waits time how long C3D waited for a video."""
     from elr.model import resolve_device
 
     from .batching import FeatureBatcher
 
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same bytes run to run
     batcher = FeatureBatcher(networks, device, cfg.resolved["batch_size"], cfg.resolved["dtype"])
     client = workers.client
     window = 2 * max(1, len(client.scheduler_info()["workers"])) + 2
     # a cluster this run started shares this machine's cores with C3D; another one is left as it is
     tasks = ((job, prepare_task, job, cfg.frame_options, cfg.raft_weights, str(device), workers.local) for job in todo)
-    prepared = Waits(ordered_results(client, tasks, window), time.perf_counter())
+    prepared = Waits(ordered_results(client, tasks, window), t0)
 
     def videos():
         try:
@@ -212,19 +208,18 @@ def c3d_here(workers, todo, networks, cfg):
         batcher.flush()
         yield from ((v.job, (v.info, features)) for v, features in batcher.done())
 
-    return _Timed(videos(), prepared)
+    return videos(), prepared
 
 
-def c3d_on_workers(client, todo, networks, weights, cfg):
-    """(job, (info, features) | BadVideoError) in job order from chunks of videos that workers with a
-    GPU resource prepare and run C3D on. Waits: how long this process waited for their results."""
-    frames = [header_frames(job.path) for job in todo]
-    groups = chunks(todo, frames, cfg.resolved["batch_size"])
+def c3d_on_workers(client, todo, networks, weights, cfg, t0: float) -> tuple:
+    """((job, (info, features) | BadVideoError) in job order, Waits): chunks of videos that workers with
+    a GPU resource prepare and run C3D on; the Waits time how long this process waited for them."""
+    groups = chunks(todo, header_frame_counts(todo), cfg.resolved["batch_size"])
     [shared] = client.scatter([networks], broadcast=True)  # the weights travel once to each worker
     key = json.dumps(weights, sort_keys=True)
     window = 2 * max(1, gpu_worker_count(client)) + 1
-    tasks = chunk_tasks(groups, shared, key, cfg, cfg.resolved, cfg.c3d_workers > 0)
-    done = Waits(ordered_results(client, tasks, window, resources={GPU: 1}), time.perf_counter())
+    tasks = chunk_tasks(groups, shared, key, cfg, cfg.c3d_workers > 0)
+    done = Waits(ordered_results(client, tasks, window, resources={GPU: 1}), t0)
 
     def videos():
         try:
@@ -233,28 +228,7 @@ def c3d_on_workers(client, todo, networks, weights, cfg):
         finally:
             done.items.close()
 
-    return _Timed(videos(), done)
-
-
-class _Timed:
-    """An iterator of results that carries the Waits of the stream it came from."""
-
-    def __init__(self, items, waits: Waits):
-        self.items, self.waits = items, waits
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def close(self):
-        self.items.close()  # cancels the tasks still queued: call it while the client is up
-
-    @property
-    def first_at(self):
-        return self.waits.first_at
-
-    @property
-    def waited(self):
-        return self.waits.waited
+    return videos(), done
 
 
 def checked_plan(videos: str, splits: str, cfg: ExtractConfig):
@@ -310,9 +284,9 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
 
         units_done = 0
         if on_workers:
-            results = c3d_on_workers(workers.client, todo, networks, weights, cfg)
+            results, waits = c3d_on_workers(workers.client, todo, networks, weights, cfg, t0)
         else:
-            results = c3d_here(workers, todo, networks, cfg)
+            results, waits = c3d_here(workers, todo, networks, cfg, t0)
         with Progress(total=len(mine), initial=len(mine) - len(todo), unit="video", file=sys.stderr, leave=False,
                       desc=f"extract {split}" + (f" job {cfg.job_index}/{cfg.num_jobs}" if as_job else ""),
                       disable=not cfg.progress) as bar:
@@ -330,12 +304,12 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
                         journal.append({"id": job.id, "phase": job.phase, **info})
                         units_done += info["units"]
                     bar.update(1)
-                    busy = max(time.perf_counter() - t0 - results.first_at, 1e-9)
-                    bar.set_postfix_str(f"{units_done / busy:.1f} units/s, data wait {results.waited / busy:.0%}")
+                    busy = max(time.perf_counter() - t0 - waits.first_at, 1e-9)
+                    bar.set_postfix_str(f"{units_done / busy:.1f} units/s, data wait {waits.waited / busy:.0%}")
             finally:
-                results.close()
-    timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(results.first_at or 0, 3),
-              "data_wait_seconds": round(results.waited, 3), "videos": len(todo), "units": units_done,
+                results.close()  # cancels the tasks still queued, while the client is up
+    timing = {"seconds": round(time.perf_counter() - t0, 3), "startup_seconds": round(waits.first_at or 0, 3),
+              "data_wait_seconds": round(waits.waited, 3), "videos": len(todo), "units": units_done,
               "c3d": "workers" if on_workers else "here"}
     if as_job:
         journal.append({"finished": timing})

@@ -9,6 +9,7 @@ job, and only then writes features.json. C3D's output for a clip depends on noth
 (batching.py), so N jobs on one kind of device write the bytes one job writes.
 """
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +25,7 @@ class JobsError(ELRError):
     """Jobs that cannot be finished: one missing or unfinished, options that differ, a video twice."""
 
 
+@functools.lru_cache(maxsize=None)  # a job's share and its GPU workers' chunks read the same headers
 def header_frames(path: str) -> int:
     """Frames a video's header declares (or duration x rate); 0 when it says neither or is unreadable
     (the job that gets it reports it properly)."""
@@ -41,13 +43,19 @@ def header_frames(path: str) -> int:
     return 0
 
 
+def header_frame_counts(jobs: list) -> list:
+    """header_frames of every job's video, read 16 at a time (on a network file system the round trips
+    overlap)."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(header_frames, [job.path for job in jobs]))
+
+
 def balanced_share(jobs: list, num_jobs: int, index: int, frames: list | None = None) -> list:
     """The videos of job `index` of `num_jobs`, in plan order: the longest first to the lightest job
     (ties: the lower index), a video of unknown length counted as the median one. Deterministic in
     the plan and the headers, so every job computes the same shares on its own."""
     if frames is None:
-        with ThreadPoolExecutor(16) as pool:  # headers on a network file system: overlap the round trips
-            frames = list(pool.map(header_frames, [job.path for job in jobs]))
+        frames = header_frame_counts(jobs)
     known = sorted(f for f in frames if f > 0)
     typical = known[len(known) // 2] if known else 1
     weights = [f if f > 0 else typical for f in frames]

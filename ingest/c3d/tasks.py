@@ -106,28 +106,25 @@ def chunks(jobs: list, frames: list, batch_size: int) -> list:
 
 
 def worker_device(requested: str, pick_by_name: bool):
-    """The device C3D runs on in this worker: --device as given, else its GPU (the first visible one:
-    dask-cuda and per-GPU `dask-worker` processes see their own first; workers of a plain LocalCluster
-    this run started take GPU <worker name> modulo the count), else the CPU."""
+    """The device C3D runs on here: --device as resolve_device reads it, on the first visible GPU
+    (dask-cuda and per-GPU `dask-worker` processes see their own first), or, for the workers of a plain
+    LocalCluster this run started (pick_by_name), on GPU <worker name> modulo the count."""
     import torch
 
-    if requested != "auto":
-        return torch.device(requested)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if pick_by_name:
+    from elr.model import resolve_device
+
+    index = 0
+    if pick_by_name and torch.cuda.is_available():
         from dask.distributed import get_worker
 
         name = get_worker().name
-        return torch.device(f"cuda:{int(name) % torch.cuda.device_count() if str(name).isdigit() else 0}")
-    return torch.device("cuda:0")
+        index = int(name) % torch.cuda.device_count() if str(name).isdigit() else 0
+    return resolve_device(requested, index)
 
 
 def resolve_here(device: str, dtype: str, batch_size: int, pick_by_name: bool = False) -> dict:
     """What C3D runs as here (a worker, or the calling process): device type, dtype and batch size."""
-    from elr.model import resolve_device
-
-    place = worker_device(device, pick_by_name) if pick_by_name or device == "auto" else resolve_device(device)
+    place = worker_device(device, pick_by_name)
     dtype = dtype if dtype != "auto" else ("bfloat16" if place.type == "cuda" else "float32")
     if dtype == "bfloat16" and place.type != "cuda":
         raise ValueError("--dtype bfloat16 runs on a GPU only (--device cuda)")
@@ -150,7 +147,6 @@ def c3d_chunk(jobs, networks, key: str, frame_options, raft_weights, device: str
     if cache not in _BATCHERS:
         if place.type == "cuda":
             torch.cuda.set_device(place)
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         _BATCHERS.clear()  # one set of weights on the device at a time
         _BATCHERS[cache] = FeatureBatcher(networks, place, resolved["batch_size"], resolved["dtype"])
     batcher = _BATCHERS[cache]
@@ -170,7 +166,7 @@ def c3d_chunk(jobs, networks, key: str, frame_options, raft_weights, device: str
     return [(job, results[job.id]) for job in jobs]
 
 
-def chunk_tasks(groups, networks, key, cfg, resolved, pick_by_name):
+def chunk_tasks(groups, networks, key, cfg, pick_by_name):
     """ordered_results tasks (with resources={GPU: 1}) that run c3d_chunk."""
-    return ((group, c3d_chunk, group, networks, key, cfg.frame_options, cfg.raft_weights, cfg.device, resolved,
+    return ((group, c3d_chunk, group, networks, key, cfg.frame_options, cfg.raft_weights, cfg.device, cfg.resolved,
              pick_by_name) for group in groups)
