@@ -70,12 +70,12 @@ def encode_shard(block: np.ndarray, chunk_units: int, shard_units: int) -> list 
     its chunks in Morton order, each `chunk_units` rows (the array's last ones padded with the fill
     value 0), those all +0.0 left out, then the index of (offset, length) pairs and its crc32c. `block`
     is the shard's rows (fewer than shard_units for the array's last shard); None if nothing is stored."""
-    from zarr.core.indexing import morton_order_iter
-
     k = shard_units // chunk_units
     index = np.full((k, 1, 2), _EMPTY, dtype="<u8")
     parts, offset = [], 0
-    for i, _ in morton_order_iter((k, 1)):
+    # Morton order over a (k, 1) chunk grid is plain row order: with one column, the interleaved bits
+    # are the row's. (zarr's private morton_order_iter was renamed in zarr 3.4: not imported.)
+    for i in range(k):
         chunk = block[i * chunk_units:(i + 1) * chunk_units]
         if len(chunk) == 0:
             continue  # wholly past the array's end
