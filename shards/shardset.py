@@ -8,9 +8,11 @@ The manifest's layout, its sample tables' byte ranges and local-versus-remote re
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import remote
+from .cache import ShardCache
 from .errors import ManifestError, ShardCorruptError
 from .manifest import iter_phases, join_path, load_manifest, manifest_digest, parse_rows, phase_summary
 from .schema import LR
@@ -25,6 +27,8 @@ class ShardRef:
     spans: tuple | None = None  # each sample's (offset, bytes) in the shard: range reads of remote shards
     bytes: int | None = None  # the shard's size, as the manifest records it
     rows: tuple | None = None  # (table URL, start, end): where its spans are, read when first needed
+    sha256: str | None = None  # as the manifest records it: a cached copy is checked against it
+    cache: ShardCache | None = None  # where a remote shard is downloaded once and read locally
 
     @property
     def is_remote(self) -> bool:
@@ -42,21 +46,49 @@ def _spans_from_table(table: str, start: int, end: int) -> tuple:
 
 
 def iter_pieces(pieces, fields, keep: bool = False):
-    """Decoded samples of [(ShardRef, skip, take)]; keep: see shards.tario.iter_decoded_samples."""
-    for shard, skip, take in pieces:
-        yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields, keep)
+    """Decoded samples of [(ShardRef, skip, take)]; keep: see shards.tario.iter_decoded_samples.
+
+    A shard with a cache is read from its local copy, held against eviction while it is read, and the
+    next such piece's shard is downloaded in a thread meanwhile (the network overlaps the reading)."""
+    pieces = list(pieces)
+    ahead = _fetch_ahead(pieces, 0)
+    for i, (shard, skip, take) in enumerate(pieces):
+        if shard.cache is None:
+            yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields, keep)
+            continue
+        if ahead is not None:
+            ahead.result()  # this piece's download (its error, if it failed)
+        ahead = _fetch_ahead(pieces, i + 1)
+        with shard.cache.open(shard.url, shard.sha256, shard.bytes) as path:
+            for sample in iter_decoded_samples(path, skip, take, None, fields, keep):
+                # without "__at__": a loader worker's places would send the trainer to a file that the
+                # cache may evict once this block ends; the arrays are copied into the hand-off instead
+                yield {k: v for k, v in sample.items() if k != "__at__"}
+
+
+_FETCHERS = {}  # pid -> executor (a forked loader worker starts its own)
+
+
+def _fetch_ahead(pieces, i: int):
+    """Start downloading the cached shard of pieces[i] (if any) in a background thread."""
+    if i >= len(pieces) or pieces[i][0].cache is None:
+        return None
+    shard = pieces[i][0]
+    pool = _FETCHERS.get(os.getpid()) or _FETCHERS.setdefault(os.getpid(), ThreadPoolExecutor(1, "shard-fetch"))
+    return pool.submit(shard.cache.fetch, shard.url, shard.sha256, shard.bytes)
 
 
 class ShardSet:
     """A validated shard set. `open(root, samples=True)` also reads the sample tables (what merging and
     verifying need; a training rank or an evaluation job does not)."""
 
-    def __init__(self, root: str, manifest: dict):
+    def __init__(self, root: str, manifest: dict, cache: ShardCache | None = None):
         self.root, self.manifest = root, manifest
+        self.cache = cache if remote.is_url(root) else None  # a local set is read where it is
 
     @classmethod
-    def open(cls, root: str, samples: bool = False) -> "ShardSet":
-        return cls(root, load_manifest(root, samples=samples))
+    def open(cls, root: str, samples: bool = False, cache: ShardCache | None = None) -> "ShardSet":
+        return cls(root, load_manifest(root, samples=samples), cache)
 
     @property
     def classes(self) -> list:
@@ -144,7 +176,8 @@ class Phase:
                 end = listed[i + 1]["table_offset"] if i + 1 < len(listed) else entry["table"]["bytes"]
                 rows = (join_path(root, entry["table"]["path"]), s["table_offset"], end)
             shards.append(ShardRef(join_path(root, s["path"]), s["samples"],
-                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"], rows))
+                                   tuple(found) if found and len(found) == s["samples"] else None, s["bytes"], rows,
+                                   s["sha256"], self.set.cache))
         return shards
 
     def samples(self, part: int = 0, parts: int = 1, fields=LR, fmt: str = "auto"):

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 import shutil
 
 import numpy as np
@@ -143,38 +144,79 @@ class HttpServer:
         self.directory = str(directory)
         port = port or free_port()
         self.port, self.url, self.proc, self.requests = port, f"http://127.0.0.1:{port}", None, []
+        self.env = {}
+
+    def command(self) -> list:
+        return [sys.executable, "-u", "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                "--directory", self.directory]
 
     def start(self):
         import subprocess
-        import sys
         import threading
         import time
         import urllib.request
 
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
-                                      "--directory", self.directory], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **self.env})
         threading.Thread(target=self._log, args=(self.proc,), daemon=True).start()
         deadline = time.time() + 20
         while True:
             try:
                 urllib.request.urlopen(self.url + "/", timeout=1).close()
                 return self
+            except urllib.error.HTTPError:  # answering (an S3 server's root is not a page)
+                return self
             except OSError:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.05)
 
+    def fetched(self, suffix: str = ".tar") -> dict:
+        """{path: GET requests} of the paths ending in `suffix` so far."""
+        counts = {}
+        for path in self.requests:
+            if path.split("?")[0].endswith(suffix):
+                counts[path.split("?")[0]] = counts.get(path.split("?")[0], 0) + 1
+        return counts
+
     def _log(self, proc):
-        for line in proc.stderr:  # '127.0.0.1 - - [date] "GET /path HTTP/1.1" 200 -'
-            if '"GET ' in line:
-                self.requests.append(line.split('"GET ', 1)[1].split(" ", 1)[0])
+        import re
+
+        for line in proc.stderr:  # '127.0.0.1 - - [date] "GET /path HTTP/1.1" 200 -' (moto's in colour)
+            m = re.search(r'"(?:\x1b\[[0-9;]*m)*GET (\S+) ', line)
+            if m:
+                self.requests.append(m.group(1))
 
     def stop(self):
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+class MotoServer(HttpServer):
+    """moto's S3-API server as a separate process on 127.0.0.1 (its log gives the GET requests)."""
+
+    def __init__(self, port=None):
+        super().__init__("", port)
+
+    def command(self) -> list:
+        return [sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+
+class SlowHttpServer(HttpServer):
+    """An HTTP server that sends files 4 KB at a time, 20 ms apart: a download can be cut mid-way."""
+
+    CODE = """import functools, http.server, sys, time
+class Slow(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, src, dst):
+        while block := src.read(4096):
+            dst.write(block); dst.flush(); time.sleep(0.02)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])),
+    functools.partial(Slow, directory=sys.argv[2])).serve_forever()"""
+
+    def command(self) -> list:
+        return [sys.executable, "-u", "-c", self.CODE, str(self.port), self.directory]
 
 
 @pytest.fixture

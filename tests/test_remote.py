@@ -48,6 +48,7 @@ def s3_set(shards):
     fs.mkdir("elr-test")
     fs.put(str(shards), "elr-test/HMDB51-shards", recursive=True)
     yield "s3://elr-test/HMDB51-shards"
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems: this one names the server's port
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     server.stop()

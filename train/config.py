@@ -18,6 +18,10 @@ def option(default, help: str, *flags: str):
 class TrainConfig:
     shards: str = option("data/HMDB51-shards", "shard set: a folder or any fsspec URL (http(s)://, s3://, gs://)")
     split: str = option("Split1", "which Split* of the shard set")
+    cache_dir: str = option("", "for a remote --shards: download each shard once into this local folder and read it "
+                            "there (every rank and loader worker of the machine shares it; also ELR_CACHE_DIR)")
+    cache_limit: str = option("", "the cache's size, e.g. 200GB or 500MiB (also ELR_CACHE_LIMIT): least recently "
+                              "used shards are evicted past it")
     out: str = option("runs/elr", "run folder: last.pt, metrics.jsonl, curves.png")
     epochs: int = option(50, "epochs in all (a resumed run may raise it), as the seed")
     batch_size: int = option(256, "global sequences per step; with lr+hr each video gives two")

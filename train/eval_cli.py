@@ -42,7 +42,11 @@ def cli():
 @click.option("--phase", default="Test", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--scheduler", help="Run every job as a task on this dask scheduler, then merge.")
-def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, split, phase, batch_size, scheduler):
+@click.option("--cache-dir", help="For a remote --shards: download each shard once into this local folder "
+              "[default: $ELR_CACHE_DIR].")
+@click.option("--cache-limit", help="The cache's size, e.g. 200GB [default: $ELR_CACHE_LIMIT].")
+def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, split, phase, batch_size, scheduler,
+            cache_dir, cache_limit):
     """Score one job's slice of the test phase and write its part (re-running replaces it).
 
     \b
@@ -57,7 +61,8 @@ def run_cmd(shards, checkpoint, num_jobs, job_index, out, device, amp, fmt, spli
             raise click.UsageError("--job-index is required with --num-jobs > 1 (or set SLURM_ARRAY_TASK_ID)")
         job_index = 0
     cfg = call(EvalConfig, shards=shards, checkpoint=checkpoint, out=out, num_jobs=num_jobs, job_index=job_index,
-               device=device, amp=amp, fmt=fmt, split=split, phase=phase, batch=batch_size)
+               device=device, amp=amp, fmt=fmt, split=split, phase=phase, batch=batch_size,
+               cache_dir=cache_dir, cache_limit=cache_limit)
     result = call(run_eval, cfg, scheduler)
     if isinstance(result, dict):
         click.echo(format_table(result, out))

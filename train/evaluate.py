@@ -18,6 +18,7 @@ from shards.atomic import atomic_write, remove_dead_temps, temp_files
 from shards.errors import ELRError
 from shards.lock import FileLock, hold_alone, lock_path
 from shards.manifest import file_sha256
+from shards.cache import ShardCache
 from shards.shardset import ShardSet
 from shards.memory import keep_freed_memory
 from shards.schema import LR
@@ -57,6 +58,8 @@ class EvalConfig:
     split: str = "Split1"
     phase: str = "Test"
     batch: int = 64  # videos per forward pass
+    cache_dir: str | None = None  # a remote set's shards downloaded once into this folder (shards.cache)
+    cache_limit: str | None = None
 
     def __post_init__(self):
         if self.num_jobs < 1:
@@ -75,7 +78,9 @@ class EvalConfig:
 def run_job(cfg: EvalConfig, hold_folder: bool = True) -> str:
     """Score job `cfg.job_index` of `cfg.num_jobs` and write its part; returns the part's path."""
     keep_freed_memory()
-    shard_set = ShardSet.open(cfg.shards)  # the job reads its shards, not the sample tables
+    shard_set = ShardSet.open(cfg.shards, cache=ShardCache.from_options(cfg.cache_dir, cfg.cache_limit))
+    if shard_set.cache is not None:  # a shard read and the next one downloading
+        shard_set.cache.check_room([s.bytes for s in shard_set.phase(cfg.split, cfg.phase).tar_shards()], 2)
     dev = resolve_device(cfg.device)
     model, classes = load_weights(cfg.checkpoint)
     if classes is not None and classes != shard_set.classes:

@@ -13,6 +13,7 @@ from elr.model import resolve_device
 from shards.errors import ELRError
 from shards.lock import OutputFolder
 from shards.memory import keep_freed_memory
+from shards.cache import ShardCache
 from shards.shardset import ShardSet
 
 from .config import LEGACY, TRAJECTORY, TrainConfig, flag
@@ -57,7 +58,8 @@ def preflight(cfg: TrainConfig) -> ShardSet:
     the run folder."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ELRError(f"--out {cfg.out}: is a file, not a folder")
-    shard_set = ShardSet.open(cfg.shards)  # a rank reads no sample table (shards.manifest)
+    cache = ShardCache.from_options(cfg.cache_dir, cfg.cache_limit)
+    shard_set = ShardSet.open(cfg.shards, cache=cache)  # a rank reads no sample table (shards.manifest)
     if cfg.split not in shard_set.splits:
         raise ELRError(f"--split {cfg.split}: not in the shard set {cfg.shards} (it has {', '.join(shard_set.splits)})")
     phases = shard_set.phases(cfg.split)
@@ -65,6 +67,9 @@ def preflight(cfg: TrainConfig) -> ShardSet:
     if missing:
         raise ELRError(f"--shards {cfg.shards}: {cfg.split} has no tar shards for {', '.join(missing)}")
     shard_set.check_local_shards(cfg.split, train_phases(shard_set, cfg) + ["Test"])
+    if shard_set.cache is not None:  # every stream of the machine reads a shard and downloads the next
+        shards = shard_set.tar_shards(cfg.split, train_phases(shard_set, cfg) + ["Test"])
+        shard_set.cache.check_room([s.bytes for s in shards], 2 * cfg.data_streams)
     return shard_set
 
 
