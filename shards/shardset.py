@@ -8,13 +8,13 @@ The manifest's layout, its sample tables' byte ranges and local-versus-remote re
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import remote
 from .cache import ShardCache
 from .errors import ManifestError, ShardCorruptError
 from .manifest import iter_phases, join_path, load_manifest, manifest_digest, parse_rows, phase_summary
+from .readahead import ReadAhead
 from .schema import LR
 from .tario import iter_decoded_samples
 
@@ -48,34 +48,21 @@ def _spans_from_table(table: str, start: int, end: int) -> tuple:
 def iter_pieces(pieces, fields, keep: bool = False):
     """Decoded samples of [(ShardRef, skip, take)]; keep: see shards.tario.iter_decoded_samples.
 
-    A shard with a cache is read from its local copy, held against eviction while it is read, and the
-    next such piece's shard is downloaded in a thread meanwhile (the network overlaps the reading)."""
+    Background threads read ahead (shards.readahead): the disk is asked for a local shard as its piece
+    starts and for the next one, and a cached shard downloads while the piece before it is read. A
+    cached shard is read from its local copy, held against eviction while it is read."""
     pieces = list(pieces)
-    ahead = _fetch_ahead(pieces, 0)
+    ahead = ReadAhead(pieces)
     for i, (shard, skip, take) in enumerate(pieces):
+        ahead.begin(i)
         if shard.cache is None:
             yield from iter_decoded_samples(shard.url, skip, take, shard.sample_spans(), fields, keep)
             continue
-        if ahead is not None:
-            ahead.result()  # this piece's download (its error, if it failed)
-        ahead = _fetch_ahead(pieces, i + 1)
         with shard.cache.open(shard.url, shard.sha256, shard.bytes) as path:
             for sample in iter_decoded_samples(path, skip, take, None, fields, keep):
                 # without "__at__": a loader worker's places would send the trainer to a file that the
                 # cache may evict once this block ends; the arrays are copied into the hand-off instead
                 yield {k: v for k, v in sample.items() if k != "__at__"}
-
-
-_FETCHERS = {}  # pid -> executor (a forked loader worker starts its own)
-
-
-def _fetch_ahead(pieces, i: int):
-    """Start downloading the cached shard of pieces[i] (if any) in a background thread."""
-    if i >= len(pieces) or pieces[i][0].cache is None:
-        return None
-    shard = pieces[i][0]
-    pool = _FETCHERS.get(os.getpid()) or _FETCHERS.setdefault(os.getpid(), ThreadPoolExecutor(1, "shard-fetch"))
-    return pool.submit(shard.cache.fetch, shard.url, shard.sha256, shard.bytes)
 
 
 class ShardSet:
