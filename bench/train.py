@@ -214,47 +214,46 @@ def training_rows(b: Bench) -> tuple:
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     # (d) runs the very steps (b) runs, from memory: batches differ in length, so any others would
     # not be the same amount of compute. This machine's speed drifts by 10-20% over minutes, so the
-    # two alternate for --rounds and each step counts with its fastest round, for (d) and (b) alike.
+    # two alternate for --rounds and each counts with its fastest round. Steps are timed as training
+    # runs them: no synchronisation between steps (on a GPU the host prepares the next step while the
+    # device computes this one), one at the end.
     in_memory = [normalised(batch, False) for _, (_, batch) in zip(range(n), b.ours())]
     train_step(model, opt, pack_units(*in_memory[0][0]), in_memory[0][1], b.ctx)  # warm-up: allocator, kernels
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def compute_bound():
-        """Seconds of each step 1..n-1 on batches in memory."""
-        times = []
+        """Seconds of steps 1..n-1 on batches in memory."""
+        sync()
+        t = time.perf_counter()
         for units, labels in in_memory[1:]:
-            sync()
-            t = time.perf_counter()
             train_step(model, opt, pack_units(*units), labels, b.ctx)  # packing is the model's input step
-            sync()
-            times.append(time.perf_counter() - t)
-        return times
+        sync()
+        return time.perf_counter() - t
 
     def fed_by_loader():
-        """(seconds, of which waiting for the batch) of each step 1..n-1; step 0 pays worker start-up."""
-        times, it = [], iter(b.ours())
+        """(seconds, of which the host waited for the loader) of steps 1..n-1; step 0 pays worker start-up."""
+        it, waited = iter(b.ours()), 0.0
         next(it)
+        sync()
+        t0 = time.perf_counter()
         for _ in range(n - 1):
-            sync()
             t = time.perf_counter()
             _, batch = next(it)
-            waited = time.perf_counter() - t
+            waited += time.perf_counter() - t
             units, labels = normalised(batch, True)
             train_step(model, opt, pack_units(*units), labels, b.ctx)
-            sync()
-            times.append((time.perf_counter() - t, waited))
-        return times
+        sync()
+        return time.perf_counter() - t0, waited
 
     d_runs, b_runs = [], []
     for _ in range(args.rounds):
         d_runs.append(compute_bound())
         b_runs.append(fed_by_loader())
     in_memory.clear()  # free the batches before (c)
-    d_best = [min(step) for step in zip(*d_runs)]
-    b_best = [min(step) for step in zip(*b_runs)]  # (total, waited) of each step's fastest round
-    rows = {"(d) model alone (compute bound)": rate(args.batch_size * (n - 1), sum(d_best)),
-            "(b) training steps, shard loader": rate(args.batch_size * (n - 1), sum(t for t, _ in b_best))}
-    wait_share = sum(w for _, w in b_best) / sum(t for t, _ in b_best)
+    b_best = min(b_runs)
+    rows = {"(d) model alone (compute bound)": rate(args.batch_size * (n - 1), min(d_runs)),
+            "(b) training steps, shard loader": rate(args.batch_size * (n - 1), b_best[0])}
+    wait_share = b_best[1] / b_best[0]
     t = time.perf_counter()
     for i, (rgb, flow, lengths, labels) in zip(range(n), b.seed()):
         if i == 1:

@@ -19,6 +19,7 @@ step() { local name=$1 secs=$2; shift 2; echo; echo "== $name (at most ${secs}s)
   timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log"; echo "== $name: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"; }
 nvidia-smi -L 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
+step zarr-bytes 60 python3 -m pytest -q -p no:cacheprovider tests/test_zarrio.py   # the installed zarr's own bytes
 D=/tmp/gpu-demo
 step demo-data 60 bash -c "rm -rf $D && elr-ingest make-demo $D/HMDB51 --videos-per-class 4 && elr-ingest build-shards $D/HMDB51 -q"
 # the training loop's CUDA path: pinned rings filled by 2 workers, the side-stream prefetch, bf16
@@ -32,6 +33,7 @@ step extract-cuda 150 bash -c "elr-ingest make-demo-videos $V --classes 4 --trai
   && elr-ingest extract-features $V/videos --splits $V/splits --out $V/F2 --random-c3d 0 --c3d-workers 1 \
   && diff -r -q -x '*.json' $V/F1 $V/F2 && echo 'in-process and GPU-worker trees: identical'"
 [ "$DEV" = cpu ] && exit 0
-step bench-train 240 python3 -m bench.train --device $DEV --amp bf16 --steps 12 --rounds 2
-step bench-features 180 python3 -m bench.features --device $DEV --jobs 1 --rounds 2
+step bench-train 150 python3 -m bench.train --device $DEV --amp bf16 --steps 60 --rounds 3
+# every core but two prepares clips for C3D (decode, resize, optical flow): the GPU waits on them
+step bench-features 150 python3 -m bench.features --device $DEV --workers $(( $(nproc) > 3 ? $(nproc) - 2 : 1 )) --jobs --rounds 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
