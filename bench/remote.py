@@ -4,7 +4,7 @@ from the cache against the same loader on a local copy, in one run.
     python -m bench.remote [--work bench/_work] [--rounds 3] [--servers http s3]
 
 The Train shards of bench/peers.py's HMDB51-shaped tree (51 classes x 34 videos, lengths drawn per
-class from real HMDB51, dim 4096) are served on 127.0.0.1 by `python -m http.server` and by moto's
+class from real HMDB51, dim 4096), rebuilt in 16 MB shards (--shard-mb), are served on 127.0.0.1 by `python -m http.server` and by moto's
 S3-API server, each a process of its own. Rows, in sequences/s (each video an LR and an HR sequence),
 each loader epoch in a fresh process (in-process loader, 8 streams, steps of 256 sequences, joined as
 training joins them), alternating for --rounds:
@@ -118,6 +118,9 @@ def main():
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--servers", nargs="+", choices=["http", "s3"], default=["http", "s3"])
+    ap.add_argument("--shard-mb", type=int, default=16,
+                    help="shard size of the served copy: 16 gives ~5 shards a stream, as a set of many times the "
+                         "shuffle windows has (0: bench.peers' 80 MB shards, one a stream: nothing to overlap)")
     ap.add_argument("--videos-per-class", type=int, default=34, help=argparse.SUPPRESS)  # prepare_sets' options
     ap.add_argument("--dim", type=int, default=4096, help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one epoch of URL, in a process of its own
@@ -127,7 +130,14 @@ def main():
         print(one_epoch(args.one, args.cache))
         return
     args.loaders = ["ours"]
-    _, shards, *_ = prepare_sets(args)
+    root, shards, *_ = prepare_sets(args)
+    if args.shard_mb:
+        shards = os.path.join(args.work, f"shards-remote-{args.shard_mb}mb")
+        if not os.path.exists(os.path.join(shards, "manifest.json")):
+            from shards.build import BuildConfig, build_shards
+
+            build_shards(root, BuildConfig(out=shards, formats=("webdataset",), shard_bytes=args.shard_mb << 20,
+                                           progress=False))
     shards = os.path.abspath(shards)
     tars = sorted(os.path.basename(p) for p in glob.glob(os.path.join(shards, "Split1", "Train", "*.tar")))
     from shards.shardset import ShardSet

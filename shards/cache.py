@@ -33,7 +33,9 @@ from .atomic import remove_dead_temps, remove_quietly, temp_path, write_json_ato
 from .errors import ELRError, RemoteError
 
 ENV_DIR, ENV_LIMIT = "ELR_CACHE_DIR", "ELR_CACHE_LIMIT"
-FETCH_BYTES = 64 << 20  # a download's requests: the whole shard up to this size, else ranges of it
+# a download's requests: the whole shard in one GET up to this size (build-shards writes 256 MB; one
+# request suits servers that ignore ranges and counts as one fetch), else ranges of this size
+FETCH_BYTES = 1 << 30
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.tar$")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -117,6 +119,7 @@ class ShardCache:
         if self._trusted(path, sha256):
             self._touch(sha256)
             return path
+        os.makedirs(self.root, exist_ok=True)  # removed since the run started, or never made (a library caller)
         with _flock(self._path(sha256, "lock")):
             if os.path.exists(path) and not self._trusted(path, sha256):
                 if _file_sha256(path) == sha256:  # changed stat, same bytes (copied back, touched)
