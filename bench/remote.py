@@ -9,6 +9,7 @@ S3-API server, each a process of its own. Rows, in sequences/s (each video an LR
 each loader epoch in a fresh process (in-process loader, 8 streams, steps of 256 sequences, joined as
 training joins them), alternating for --rounds:
   (f) a plain fsspec `cat` of every Train shard, one after another: the network's rate for those bytes
+  (s) the same shards downloaded into an empty cache, nothing read: what trusting a copy adds to (f)
   (1) our first epoch with an empty --cache-dir: every shard downloaded once, overlapped with reading
   (2) a new process's epoch over the filled cache (a second run, or the next epoch after a restart)
   (L) the same loader over the local copy of the shards (warm page cache, like (2))
@@ -87,6 +88,21 @@ def cat_rate(url: str, tars: list, n_videos: int) -> float:
     return 2 * n_videos / (time.perf_counter() - t)
 
 
+def fetch_rate(url: str, cache: str, n_videos: int) -> float:
+    """Sequences/s of downloading every Train shard into an empty cache, one after another, nothing
+    read: the transfer plus what makes a cached copy trustworthy (its sha256, its write, the rename)."""
+    from shards.cache import ShardCache
+    from shards.shardset import ShardSet
+
+    shutil.rmtree(cache, ignore_errors=True)
+    store = ShardCache(os.path.abspath(cache), 1 << 40)
+    refs = ShardSet.open(url).tar_shards("Split1", ["Train"])
+    t = time.perf_counter()
+    for ref in refs:
+        store.fetch(ref.url, ref.sha256, ref.bytes)
+    return 2 * n_videos / (time.perf_counter() - t)
+
+
 def one_epoch(url: str, cache: str | None) -> float:
     """Sequences/s of one epoch of our in-process loader over Train (run in a fresh process)."""
     from elr.data import TRAIN_INPUTS, DevicePrefetcher, ShardStream, StepLoader, StreamPlan, input_fields
@@ -153,6 +169,7 @@ def main():
             for r in range(args.rounds):
                 row = results.setdefault(kind, {})
                 row.setdefault("f", []).append(cat_rate(url, tars, n_videos))
+                row.setdefault("s", []).append(fetch_rate(url, cache, n_videos))
                 shutil.rmtree(cache, ignore_errors=True)
                 row.setdefault("1", []).append(child(args, url, cache, env))
                 row.setdefault("2", []).append(child(args, url, cache, env))
@@ -161,7 +178,8 @@ def main():
         finally:
             proc.kill()
             shutil.rmtree(cache, ignore_errors=True)
-    names = {"f": "fsspec cat of every Train shard (the network)", "1": "our first epoch, --cache-dir empty",
+    names = {"f": "fsspec cat of every Train shard (the network)",
+             "s": "the same shards into an empty cache, nothing read (transfer, sha256, write)", "1": "our first epoch, --cache-dir empty",
              "2": "a new process's epoch from the filled cache", "L": "the same loader on the local copy"}
     print("\n| server | row | seq/s, best round | every round |")
     print("|---|---|---:|---|")
@@ -172,6 +190,9 @@ def main():
         first = [a / b for a, b in zip(row["1"], row["f"])]
         second = [a / b for a, b in zip(row["2"], row["L"])]
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        fetch = [a / b for a, b in zip(row["s"], row["f"])]
+        print(f"{kind}: (s) / (f), per round: {', '.join(f'{100 * x:.0f}%' for x in fetch)} (one download at a time; "
+              f"(1) runs two)")
         print(f"{kind}: (1) / (f), per round: {', '.join(f'{100 * x:.0f}%' for x in first)}; "
               f"median {100 * median(first):.0f}% (target 85%)")
         print(f"{kind}: (2) / (L), per round: {', '.join(f'{100 * x:.0f}%' for x in second)}; "
