@@ -146,16 +146,18 @@ def test_resume_refuses_another_shard_set_or_model_and_says_when_it_finds_nothin
     other = manifest_digest(load_manifest(str(own_shards)))
     old = tmp_path / "old"  # the same run, as a version before --length-bucketing wrote it (trained bucketed)
     shutil.copytree(out, old)
+    same = tmp_path / "same"  # side by side, each command has its own folder: one would find the other's lock
+    shutil.copytree(out, same)
     state = torch.load(old / "last.pt", weights_only=True)
     del state["config"]["length_bucketing"]
     torch.save(state, old / "last.pt")
     results = run_side_by_side([train_command("--shards", own_shards, "--out", out, *SMALL, "--resume"),
-                                train_command("--shards", shards, "--out", out, *SMALL, "--resume", "--hidden", "16",
+                                train_command("--shards", shards, "--out", same, *SMALL, "--resume", "--hidden", "16",
                                               "--lr", "0.01"),
                                 train_command("--shards", shards, "--out", old, *SMALL, "--resume")], cwd=REPO, env=ENV)
     assert_one_error(results[0], f"--resume: {out / 'last.pt'} was trained on another shard set (manifest sha256 "
                                  f"{digest[:12]}, --shards {own_shards} has {other[:12]})")
-    assert_one_error(results[1], f"--resume: {out / 'last.pt'} was trained with --lr 0.001, --hidden 8; this run has "
+    assert_one_error(results[1], f"--resume: {same / 'last.pt'} was trained with --lr 0.001, --hidden 8; this run has "
                                  "--lr 0.01, --hidden 16 (use the same options, or another --out)")
     assert_one_error(results[2], f"--resume: {old / 'last.pt'} was trained with --length-bucketing True; this run "
                                  "has --length-bucketing False (use the same options, or another --out)")
