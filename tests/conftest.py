@@ -1,6 +1,7 @@
 """Shared fixtures: a real dask LocalCluster, tiny demo trees and shard sets built from them."""
 
 import logging
+from contextlib import contextmanager
 import os
 import sys
 import shutil
@@ -98,6 +99,32 @@ def built(built_master, tmp_path):
 def build(root, client, **options):
     options.setdefault("progress", False)
     return build_shards(str(root), BuildConfig(**options), client=client)
+
+
+def small_remote_set(tmp_path_factory, client, name: str, min_shards: int):
+    """A 4-class demo shard set (tar only, dim 8, at least `min_shards` a phase) for the remote tests."""
+    root = tmp_path_factory.mktemp(name) / "HMDB51"
+    make_demo(str(root), DemoConfig(classes=4, videos_per_class=3, dim=8, min_units=3, max_units=6, seed=2))
+    build(root, client, formats=("webdataset",), min_shards=min_shards)
+    return root.parent / "HMDB51-shards"
+
+
+@contextmanager
+def s3_endpoint(url: str):
+    """s3fs pointed at an S3-API server on `url` for the block (test credentials); afterwards the
+    environment is as it was and s3fs forgets its filesystems (fsspec keeps them, with the port)."""
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    try:
+        yield s3fs.S3FileSystem(skip_instance_cache=True)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def free_port() -> int:

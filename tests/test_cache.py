@@ -12,10 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import HttpServer, MotoServer, SlowHttpServer, build
+from conftest import HttpServer, MotoServer, SlowHttpServer, s3_endpoint, small_remote_set
 from shards import remote
 from shards.cache import CacheError, ShardCache, human, parse_size
-from shards.demo import DemoConfig, make_demo
 from shards.errors import RemoteError
 from shards.manifest import load_manifest
 
@@ -25,10 +24,7 @@ SMALL = dict(hidden=8, batch_size=8, data_streams=2, loader_workers=0, quiet=Tru
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, dask_client):
-    root = tmp_path_factory.mktemp("cache") / "HMDB51"
-    make_demo(str(root), DemoConfig(classes=4, videos_per_class=3, dim=8, min_units=3, max_units=6, seed=2))
-    build(root, dask_client, formats=("webdataset",), min_shards=3)
-    return root.parent / "HMDB51-shards"
+    return small_remote_set(tmp_path_factory, dask_client, "cache", min_shards=3)
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +39,10 @@ def servers(shards):
     """The set behind an HTTP server and in a bucket of moto's S3-API server: {name: (server, url)}."""
     http = HttpServer(shards).start()
     moto = MotoServer().start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": moto.url}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("elr-cache")
-    fs.put(str(shards), "elr-cache/HMDB51-shards", recursive=True)
-    yield {"http": (http, http.url), "s3": (moto, "s3://elr-cache/HMDB51-shards")}
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems: this one names the server's port
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with s3_endpoint(moto.url) as fs:
+        fs.mkdir("elr-cache")
+        fs.put(str(shards), "elr-cache/HMDB51-shards", recursive=True)
+        yield {"http": (http, http.url), "s3": (moto, "s3://elr-cache/HMDB51-shards")}
     http.stop()
     moto.stop()
 

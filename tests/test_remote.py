@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HttpServer, build
+from conftest import HttpServer, s3_endpoint, small_remote_set
 from shards import remote
-from shards.demo import DemoConfig, make_demo
 from shards.errors import RemoteError
 from shards.manifest import load_manifest
 from shards.tario import iter_raw_samples, mapped_samples
@@ -24,10 +23,7 @@ SMALL = dict(hidden=8, batch_size=8, data_streams=2, loader_workers=0, quiet=Tru
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, dask_client):
-    root = tmp_path_factory.mktemp("remote") / "HMDB51"
-    make_demo(str(root), DemoConfig(classes=4, videos_per_class=3, dim=8, min_units=3, max_units=6, seed=2))
-    build(root, dask_client, formats=("webdataset",), min_shards=2)
-    return root.parent / "HMDB51-shards"
+    return small_remote_set(tmp_path_factory, dask_client, "remote", min_shards=2)
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +34,10 @@ def s3_set(shards):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("elr-test")
-    fs.put(str(shards), "elr-test/HMDB51-shards", recursive=True)
-    yield "s3://elr-test/HMDB51-shards"
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems: this one names the server's port
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with s3_endpoint(f"http://{host}:{port}") as fs:
+        fs.mkdir("elr-test")
+        fs.put(str(shards), "elr-test/HMDB51-shards", recursive=True)
+        yield "s3://elr-test/HMDB51-shards"
     server.stop()
 
 
