@@ -8,7 +8,9 @@ two runs, is one file, and a changed shard is another. For each entry, in DIR:
     <sha256>.ok                       {size, mtime_ns, inode} of the .tar when its hash was checked; its
                                       mtime is the entry's last use (least recently used goes first)
     <sha256>.lock                     flock: taken alone to download or evict, shared to read
-    <sha256>.tar.partial-<pid>-<hex>  a download in progress (renamed only once its sha256 matches)
+    <sha256>.tar.partial-<pid>-<hex>  a download in progress, made at its full size when it starts (its
+                                      room reserved), renamed only once its sha256 matches
+    .room.lock                        flock: held while a download makes and reserves its room
 Why it cannot fail the ways the peers' caches did:
   - one download per shard per machine: every process takes the entry's lock alone before fetching,
     and finds the shard there once it gets it;
@@ -29,10 +31,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from . import remote
-from .atomic import remove_dead_temps, remove_quietly, temp_path, write_json_atomic
+from .atomic import is_temp, remove_dead_temps, remove_quietly, temp_path, write_json_atomic
 from .errors import ELRError, RemoteError
 
 ENV_DIR, ENV_LIMIT = "ELR_CACHE_DIR", "ELR_CACHE_LIMIT"
+ROOM_LOCK = ".room.lock"  # held while a download makes and reserves its room
 # a download's requests: the whole shard in one GET up to this size (build-shards writes 256 MB; one
 # request suits servers that ignore ranges and counts as one fetch), else ranges of this size
 FETCH_BYTES = 1 << 30
@@ -128,16 +131,22 @@ class ShardCache:
                     self._remove(sha256)
             if not self._trusted(path, sha256):
                 remove_dead_temps(self.root, prefix=f"{sha256}.tar")  # killed downloads: we hold the lock
-                self.make_room(size, keep=sha256)
-                self._download(url, path, sha256, size)
+                # room is made and reserved under one lock of the whole cache: the temporary file is made
+                # at its full size at once, so a download beside this one counts these bytes as taken
+                with _flock(os.path.join(self.root, ROOM_LOCK)):
+                    self.make_room(size, keep=sha256)
+                    tmp = temp_path(path)
+                    with open(tmp, "wb") as f:
+                        f.truncate(size)
+                self._download(url, path, tmp, sha256, size)
                 self._stamp(path, sha256)
             self._touch(sha256)
         return path
 
-    def _download(self, url: str, path: str, sha256: str, size: int) -> None:
-        tmp, h, got = temp_path(path), hashlib.sha256(), 0
+    def _download(self, url: str, path: str, tmp: str, sha256: str, size: int) -> None:
+        h, got = hashlib.sha256(), 0
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "r+b") as f:
                 if size <= FETCH_BYTES:
                     parts = [remote.read_bytes(url)]  # one request (servers that ignore ranges, too)
                 else:
@@ -193,11 +202,30 @@ class ShardCache:
                         found.append((used, e.stat().st_size, sha))
         return sorted(found)
 
+    def downloading(self, keep: str | None = None) -> int:
+        """Bytes reserved by downloads in progress (their temporary files, made at full size). One whose
+        entry nobody holds was left by a killed process: it is removed instead (not `keep`'s: its
+        downloader, the caller, holds that entry and has removed its dead ones)."""
+        reserved = 0
+        with os.scandir(self.root) as it:
+            for e in it:
+                sha = e.name[:64]
+                if not (is_temp(e.name) and e.name[64:].startswith(".tar.partial-")) or sha == keep:
+                    continue
+                with _try_flock(self._path(sha, "lock")) as free:
+                    if free:
+                        remove_quietly(e.path)
+                    else:
+                        with suppress(OSError):
+                            reserved += e.stat().st_size
+        return reserved
+
     def make_room(self, incoming: int, keep: str | None = None) -> None:
-        """Evict least recently used entries until `incoming` more bytes fit under the limit; an entry
-        being read or downloaded is skipped (then the cache stays over its limit until it is free)."""
+        """Evict least recently used entries until `incoming` more bytes fit under the limit, counting the
+        downloads in progress; an entry being read or downloaded is skipped (then the cache stays over
+        its limit until it is free). Call it holding the room lock (see fetch)."""
         entries = self.entries()
-        total = sum(size for _, size, _ in entries)
+        total = sum(size for _, size, _ in entries) + self.downloading(keep)
         for _, size, sha in entries:
             if total + incoming <= self.limit:
                 return

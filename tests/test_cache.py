@@ -183,15 +183,16 @@ def test_a_server_dying_mid_download_leaves_no_trusted_file(shards, tmp_path, mo
     partial = []
 
     def kill_when_half_sent():
-        while not partial:
-            partial.extend(f for f in os.listdir(cache.root) if ".partial-" in f)
+        while not server.fetched():  # the server logs a GET as it starts answering: the body is on its way
             time.sleep(0.005)
+        time.sleep(0.05)  # a few of its 4 KB blocks sent
+        partial.extend(f for f in os.listdir(cache.root) if ".partial-" in f)
         server.stop()
 
     threading.Thread(target=kill_when_half_sent, daemon=True).start()
     with pytest.raises(RemoteError, match=rf"^{server.url}/{path}: "):
         cache.fetch(f"{server.url}/{path}", sha, size)
-    assert partial and sorted(os.listdir(cache.root)) == [f"{sha}.lock"]  # no .tar, no .ok, no partial
+    assert partial and sorted(os.listdir(cache.root)) == [".room.lock", f"{sha}.lock"]  # no .tar, .ok or partial
     # a downloader killed outright leaves its temporary file: the next one removes it and downloads
     server.start()
     code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from shards.cache import ShardCache; "
@@ -203,7 +204,7 @@ def test_a_server_dying_mid_download_leaves_no_trusted_file(shards, tmp_path, mo
     proc.wait()
     assert not cache._trusted(os.path.join(cache.root, f"{sha}.tar"), sha)
     assert cache.fetch(f"{server.url}/{path}", sha, size) == os.path.join(cache.root, f"{sha}.tar")
-    assert sorted(os.listdir(cache.root)) == sorted([f"{sha}.lock", f"{sha}.ok", f"{sha}.tar"])
+    assert sorted(os.listdir(cache.root)) == sorted([".room.lock", f"{sha}.lock", f"{sha}.ok", f"{sha}.tar"])
     assert open(os.path.join(cache.root, f"{sha}.tar"), "rb").read() == (shards / path).read_bytes()
     server.stop()
 
@@ -220,3 +221,16 @@ def test_cache_options(tmp_path, monkeypatch):
     monkeypatch.setenv("ELR_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("ELR_CACHE_LIMIT", "2GB")
     assert ShardCache.from_options(None, None) == ShardCache(str(tmp_path / "c"), 2 * 10**9)
+
+
+def test_downloads_in_progress_count_against_the_limit_and_a_dead_ones_file_is_removed(tmp_path):
+    from shards.cache import _flock
+
+    cache = ShardCache(str(tmp_path), limit=100)
+    live, dead = tmp_path / f"{'a' * 64}.tar.partial-1-abcdef", tmp_path / f"{'b' * 64}.tar.partial-2-abcdef"
+    live.write_bytes(b"x" * 60)  # a download made its file at full size and holds its entry
+    dead.write_bytes(b"x" * 30)  # one whose process was killed: nobody holds its entry
+    (tmp_path / f"{'c' * 64}.tar.partial-keep").write_bytes(b"x" * 50)  # not a temporary name: not ours
+    with _flock(str(tmp_path / f"{'a' * 64}.lock")):
+        assert cache.downloading() == 60
+    assert live.exists() and not dead.exists() and (tmp_path / f"{'c' * 64}.tar.partial-keep").exists()
