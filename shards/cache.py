@@ -8,8 +8,9 @@ two runs, is one file, and a changed shard is another. For each entry, in DIR:
     <sha256>.ok                       {size, mtime_ns, inode} of the .tar when its hash was checked; its
                                       mtime is the entry's last use (least recently used goes first)
     <sha256>.lock                     flock: taken alone to download or evict, shared to read
-    <sha256>.tar.partial-<pid>-<hex>  a download in progress, made at its full size when it starts (its
-                                      room reserved), renamed only once its sha256 matches
+    <sha256>.tar.partial-<pid>-<hex>  a download in progress (one GET streamed to disk, renamed only once
+                                      its sha256 matches), and beside it its reservation: a sparse file of
+                                      the shard's full size, made when it starts
     .room.lock                        flock: held while a download makes and reserves its room
 Why it cannot fail the ways the peers' caches did:
   - one download per shard per machine: every process takes the entry's lock alone before fetching,
@@ -36,9 +37,6 @@ from .errors import ELRError, RemoteError
 
 ENV_DIR, ENV_LIMIT = "ELR_CACHE_DIR", "ELR_CACHE_LIMIT"
 ROOM_LOCK = ".room.lock"  # held while a download makes and reserves its room
-# a download's requests: the whole shard in one GET up to this size (build-shards writes 256 MB; one
-# request suits servers that ignore ranges and counts as one fetch), else ranges of this size
-FETCH_BYTES = 1 << 30
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.tar$")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -135,35 +133,30 @@ class ShardCache:
                 # at its full size at once, so a download beside this one counts these bytes as taken
                 with _flock(os.path.join(self.root, ROOM_LOCK)):
                     self.make_room(size, keep=sha256)
-                    tmp = temp_path(path)
-                    with open(tmp, "wb") as f:
-                        f.truncate(size)
-                self._download(url, path, tmp, sha256, size)
+                    reserved = temp_path(path)
+                    with open(reserved, "wb") as f:
+                        f.truncate(size)  # sparse: counted at its full size, no blocks written
+                self._download(url, path, reserved, sha256, size)
                 self._stamp(path, sha256)
             self._touch(sha256)
         return path
 
-    def _download(self, url: str, path: str, tmp: str, sha256: str, size: int) -> None:
-        h, got = hashlib.sha256(), 0
+    def _download(self, url: str, path: str, reserved: str, sha256: str, size: int) -> None:
+        """Stream the shard into a second temporary file beside the reservation (which keeps its room
+        counted until the end), check its size and sha256, then rename it into place."""
+        tmp = temp_path(path)
         try:
-            with open(tmp, "r+b") as f:
-                if size <= FETCH_BYTES:
-                    parts = [remote.read_bytes(url)]  # one request (servers that ignore ranges, too)
-                else:
-                    parts = (remote.read_bytes(url, a, min(a + FETCH_BYTES, size)) for a in range(0, size, FETCH_BYTES))
-                for data in parts:
-                    f.write(data)
-                    h.update(data)
-                    got += len(data)
-            if got != size or h.hexdigest() != sha256:
-                raise RemoteError(f"{url}: {got} bytes with sha256 {h.hexdigest()[:12]}…, the manifest says {size} "
+            remote.download(url, tmp)
+            got, digest = os.path.getsize(tmp), _file_sha256(tmp)
+            if got != size or digest != sha256:
+                raise RemoteError(f"{url}: {got} bytes with sha256 {digest[:12]}…, the manifest says {size} "
                                   f"bytes, {sha256[:12]}… (changed since the manifest was written, or damaged)")
             os.replace(tmp, path)
-        except OSError as e:
-            remove_quietly(tmp)
-            raise OSError(e.errno, e.strerror or str(e), path) from None  # a full disk names the cache file
+        except OSError as e:  # a full disk names the cache file
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         finally:
             remove_quietly(tmp)
+            remove_quietly(reserved)
 
     # -- the stamp: what "trusted" means -----------------------------------------------------------
 
@@ -206,7 +199,7 @@ class ShardCache:
         """Bytes reserved by downloads in progress (their temporary files, made at full size). One whose
         entry nobody holds was left by a killed process: it is removed instead (not `keep`'s: its
         downloader, the caller, holds that entry and has removed its dead ones)."""
-        reserved = 0
+        reserved = {}  # sha -> bytes: a download's reservation and its growing file count once
         with os.scandir(self.root) as it:
             for e in it:
                 sha = e.name[:64]
@@ -217,8 +210,8 @@ class ShardCache:
                         remove_quietly(e.path)
                     else:
                         with suppress(OSError):
-                            reserved += e.stat().st_size
-        return reserved
+                            reserved[sha] = max(reserved.get(sha, 0), e.stat().st_size)
+        return sum(reserved.values())
 
     def make_room(self, incoming: int, keep: str | None = None) -> None:
         """Evict least recently used entries until `incoming` more bytes fit under the limit, counting the

@@ -90,6 +90,13 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
     return data
 
 
+def download(url: str, local: str) -> None:
+    """The whole remote file into `local`, one request streamed to disk (a file's size never sits in
+    memory); a failure mid-way retries from the start."""
+    fs, path = _filesystem(url)
+    with_retries(url, lambda: fs.get_file(path, local))
+
+
 def _slice(url: str, data: bytes, start: int, end: int) -> bytes:
     if len(data) < end:
         raise RemoteError(f"{url}: {len(data)} bytes, expected at least {end} (truncated, or changed since the manifest)")
