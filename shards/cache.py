@@ -24,6 +24,7 @@ Why it cannot fail the ways the peers' caches did:
   - a limit too small for the shards one step reads at once is refused before the run starts.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from . import remote
-from .atomic import is_temp, remove_dead_temps, remove_quietly, temp_path, write_json_atomic
+from .atomic import disk_full, is_temp, remove_dead_temps, remove_quietly, temp_path, write_json_atomic
 from .errors import ELRError, RemoteError
 
 ENV_DIR, ENV_LIMIT = "ELR_CACHE_DIR", "ELR_CACHE_LIMIT"
@@ -129,8 +130,8 @@ class ShardCache:
                     self._remove(sha256)
             if not self._trusted(path, sha256):
                 remove_dead_temps(self.root, prefix=f"{sha256}.tar")  # killed downloads: we hold the lock
-                # room is made and reserved under one lock of the whole cache: the temporary file is made
-                # at its full size at once, so a download beside this one counts these bytes as taken
+                # room is made and reserved under one lock of the whole cache: a reservation file of the
+                # shard's full size, so a download beside this one counts these bytes as taken
                 with _flock(os.path.join(self.root, ROOM_LOCK)):
                     self.make_room(size, keep=sha256)
                     reserved = temp_path(path)
@@ -152,6 +153,10 @@ class ShardCache:
                 raise RemoteError(f"{url}: {got} bytes with sha256 {digest[:12]}…, the manifest says {size} "
                                   f"bytes, {sha256[:12]}… (changed since the manifest was written, or damaged)")
             os.replace(tmp, path)
+        except RemoteError:
+            if disk_full(path):  # the local write failed, not the server: name the cache file
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+            raise
         except OSError as e:  # a full disk names the cache file
             raise OSError(e.errno, e.strerror or str(e), path) from None
         finally:

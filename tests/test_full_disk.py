@@ -92,3 +92,27 @@ def test_training_and_evaluation_on_a_full_disk_name_the_file(small_disk, built_
     assert assert_full_disk_error(job, run_disk) == f"{run_disk}/eval/part-00000-of-00001.npz"
     written = assert_full_disk_error(merge, merge_disk)
     assert os.path.basename(written) in ("report.json", "report.md", "predictions.csv", "confusion.png")
+
+
+def test_a_cache_download_on_a_full_disk_names_the_cache_file(small_disk, tmp_path, monkeypatch):
+    import hashlib
+
+    from conftest import HttpServer
+    from shards import remote
+    from shards.cache import ShardCache
+
+    served = tmp_path / "served"
+    served.mkdir()
+    data = os.urandom(64 << 10)
+    (served / "x.tar").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    disk = small_disk(16)
+    monkeypatch.setattr(remote, "RETRIES", 0)
+    server = HttpServer(served).start()
+    try:
+        with pytest.raises(OSError) as e:
+            ShardCache(str(disk / "cache"), 1 << 30).fetch(f"{server.url}/x.tar", sha, len(data))
+    finally:
+        server.stop()
+    assert (e.value.errno, e.value.filename) == (28, str(disk / "cache" / f"{sha}.tar"))  # ENOSPC
+    assert [f for f in os.listdir(disk / "cache") if ".partial-" in f or f.endswith(".tar")] == []
