@@ -25,7 +25,6 @@ Why it cannot fail the ways the peers' caches did:
 """
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from . import remote
 from .atomic import disk_full, is_temp, remove_dead_temps, remove_quietly, temp_path, write_json_atomic
 from .errors import ELRError, RemoteError
+from .manifest import file_sha256
 
 ENV_DIR, ENV_LIMIT = "ELR_CACHE_DIR", "ELR_CACHE_LIMIT"
 ROOM_LOCK = ".room.lock"  # held while a download makes and reserves its room
@@ -124,7 +124,7 @@ class ShardCache:
         os.makedirs(self.root, exist_ok=True)  # removed since the run started, or never made (a library caller)
         with _flock(self._path(sha256, "lock")):
             if os.path.exists(path) and not self._trusted(path, sha256):
-                if _file_sha256(path) == sha256:  # changed stat, same bytes (copied back, touched)
+                if file_sha256(path) == sha256:  # changed stat, same bytes (copied back, touched)
                     self._stamp(path, sha256)
                 else:
                     self._remove(sha256)
@@ -148,7 +148,7 @@ class ShardCache:
         tmp = temp_path(path)
         try:
             remote.download(url, tmp)
-            got, digest = os.path.getsize(tmp), _file_sha256(tmp)
+            got, digest = os.path.getsize(tmp), file_sha256(tmp)
             if got != size or digest != sha256:
                 raise RemoteError(f"{url}: {got} bytes with sha256 {digest[:12]}…, the manifest says {size} "
                                   f"bytes, {sha256[:12]}… (changed since the manifest was written, or damaged)")
@@ -167,16 +167,13 @@ class ShardCache:
 
     def _trusted(self, path: str, sha256: str) -> bool:
         try:
-            st = os.stat(path)
             with open(self._path(sha256, "ok")) as f:
-                stamp = json.load(f)
+                return json.load(f) == _file_stamp(path)
         except (OSError, ValueError):
             return False
-        return stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
     def _stamp(self, path: str, sha256: str) -> None:
-        st = os.stat(path)
-        write_json_atomic(self._path(sha256, "ok"), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino})
+        write_json_atomic(self._path(sha256, "ok"), _file_stamp(path))
 
     def _touch(self, sha256: str) -> None:
         with suppress(OSError):
@@ -201,16 +198,17 @@ class ShardCache:
         return sorted(found)
 
     def downloading(self, keep: str | None = None) -> int:
-        """Bytes reserved by downloads in progress (their temporary files, made at full size). One whose
-        entry nobody holds was left by a killed process: it is removed instead (not `keep`'s: its
-        downloader, the caller, holds that entry and has removed its dead ones)."""
-        reserved = {}  # sha -> bytes: a download's reservation and its growing file count once
+        """Bytes reserved by downloads in progress (a reservation of the shard's full size and the growing
+        download beside it, counted once). A temporary file whose entry nobody holds was left by a killed
+        process: it is removed instead (not `keep`'s: its downloader, the caller, holds that entry and has
+        removed its dead ones)."""
+        reserved = {}  # sha -> bytes
         with os.scandir(self.root) as it:
             for e in it:
                 sha = e.name[:64]
                 if not (is_temp(e.name) and e.name[64:].startswith(".tar.partial-")) or sha == keep:
                     continue
-                with _try_flock(self._path(sha, "lock")) as free:
+                with _flock(self._path(sha, "lock"), wait=False) as free:
                     if free:
                         remove_quietly(e.path)
                     else:
@@ -229,43 +227,29 @@ class ShardCache:
                 return
             if sha == keep:
                 continue
-            with _try_flock(self._path(sha, "lock")) as held:
+            with _flock(self._path(sha, "lock"), wait=False) as held:
                 if held:
                     self._remove(sha)
                     total -= size
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
+def _file_stamp(path: str) -> dict:
+    """What a checked copy must still be: its size, mtime and inode."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
 @contextmanager
-def _flock(path: str, shared: bool = False):
-    """flock on `path` (created if missing) for the block. Lock files stay: one empty file per entry
-    ever cached; removing one could let two processes lock two inodes of one name."""
+def _flock(path: str, shared: bool = False, wait: bool = True):
+    """flock on `path` (created if missing) for the block; yields whether it is held (always, if
+    `wait`; else False at once when anyone holds it). Lock files stay: one empty file per entry ever
+    cached; removing one could let two processes lock two inodes of one name."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _try_flock(path: str):
-    """Yields True holding `path`'s lock alone, or False at once if anyone holds it."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

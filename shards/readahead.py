@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .mapcache import SHARD_CACHE
+from .tario import local_path
 
 ADVISE_BYTES = 16 << 20
 _POOLS = {}  # pid -> executor (a forked loader worker starts its own)
@@ -45,7 +46,7 @@ def prepare(shard, skip: int, take: int) -> None:
     elif shard.is_remote:
         return  # range reads: shards.tario.remote_samples
     else:
-        path = shard.url[len("file://"):] if shard.url.startswith("file://") else shard.url
+        path = local_path(shard.url)
     if SHARD_CACHE.kept(path) is not None:
         return  # mapped by this process already: a later epoch reads kept samples, not the disk
     try:

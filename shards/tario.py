@@ -318,10 +318,10 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None, spans=Non
     if remote.is_url(url):
         yield from remote_samples(url, skip, take, spans)
     else:
-        yield from mapped_samples(_local_path(url), url, skip, take)
+        yield from mapped_samples(local_path(url), url, skip, take)
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
@@ -335,7 +335,7 @@ def iter_decoded_samples(url: str, skip: int = 0, take: int | None = None, spans
         for raw in remote_samples(url, skip, take, spans):
             yield decode_sample(raw, url, fields)
     else:
-        path = _local_path(url)
+        path = local_path(url)
         identity, view, table = _mapped_shard(path, url)
         yield from table.decoded(view, skip, take, url, fields, (path, identity), keep)
 

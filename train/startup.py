@@ -66,10 +66,10 @@ def preflight(cfg: TrainConfig) -> ShardSet:
     missing = [p for p in ("Train", "Test") if p not in phases or not shard_set.phase(cfg.split, p).has_tar]
     if missing:
         raise ELRError(f"--shards {cfg.shards}: {cfg.split} has no tar shards for {', '.join(missing)}")
-    shard_set.check_local_shards(cfg.split, train_phases(shard_set, cfg) + ["Test"])
+    read = train_phases(shard_set, cfg) + ["Test"]
+    shard_set.check_local_shards(cfg.split, read)
     if shard_set.cache is not None:  # every stream of the machine reads a shard and downloads the next
-        shards = shard_set.tar_shards(cfg.split, train_phases(shard_set, cfg) + ["Test"])
-        shard_set.cache.check_room([s.bytes for s in shards], 2 * cfg.data_streams)
+        shard_set.cache.check_room([s.bytes for s in shard_set.tar_shards(cfg.split, read)], 2 * cfg.data_streams)
     return shard_set
 
 
