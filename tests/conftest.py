@@ -3,8 +3,11 @@
 import logging
 from contextlib import contextmanager
 import os
-import sys
+import signal
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +60,20 @@ def bad_tree(tmp_path_factory):
     labels = {"broken": {name: "1" for name in problems}, "fine": {"fine_0.avi": "2"}}
     write_split_files(str(root / "splits"), labels)
     return str(root), problems
+
+
+def kill_after(cmd, path, lines, env=None) -> list:
+    """Start cmd in its own session, SIGKILL it once the file at path has this many lines; its lines."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and len(open(path).readlines()) >= lines:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    return open(path).read().splitlines()
 
 
 def features_of(out):

@@ -5,10 +5,8 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from bench.seed import SeedDataLayer
 from ingest.c3d.extract import ExtractConfig, extract_features
 from shards.errors import BadVideoError, OutputExistsError
 from shards.schema import STREAMS
-from conftest import FAST, features_of
+from conftest import FAST, features_of, kill_after
 from videos import count_frames, encode, write_split_files
 
 PHASE = {"1": "Train", "2": "Test", "0": "Validation"}
@@ -75,16 +73,9 @@ def test_same_input_same_bytes_and_resume_after_kill(sample_tree, extracted, tmp
     again = str(tmp_path / "again")
     cmd = [os.path.join(BIN, "elr-ingest"), "extract-features", f"{root}/videos", "--splits", f"{root}/splits",
            "--out", again, "--random-c3d", "0", "--crop-size", "16", "--scheduler", dask_client.scheduler.address, "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     journal = os.path.join(again, ".Split1-features.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(journal) and len(open(journal).readlines()) >= 3:  # the options and 2 videos
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    lines = kill_after(cmd, journal, lines=3)  # the options and 2 videos
+    assert '"finished"' not in lines[-1], "the run finished before it could be killed"
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1 and "holds an interrupted extraction of Split1; --resume" in result.stderr
     result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
