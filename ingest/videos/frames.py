@@ -96,40 +96,53 @@ def center_crop(image: np.ndarray, side: int) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 
-def prepare_video(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> PreparedVideo:
-    """Decode `path` and build its four streams (see the module docstring); `raft`: the loaded model
-    for --flow raft."""
+def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> tuple:
+    """Decode `path` into its four streams before any crop: (info, {stream: uint8 (frames, ...)}), with
+    as many frames as its units cover: hr_rgb, lr_rgb (tiny: at opts.lr_size), lr_up (the tiny frames
+    back at the resized size), hr_flow, lr_flow (flow images at the resized size). `raft`: the loaded
+    model for --flow raft."""
     import cv2
 
     frames = decode_frames(path, class_name, video)
     info = next(frames)
     h, w = opts.resized
     lr_h, lr_w = opts.lr_size
-    resized = {"hr": [], "lr": []}  # stream -> RGB frames at h x w, before the crop
+    resized, tiny = {"hr": [], "lr": []}, []  # stream -> RGB frames at h x w; the LR frames at lr_h x lr_w
     for frame in frames:
         if "size" not in info:
             info["size"] = list(frame.shape[:2])
         shrink = frame.shape[0] >= h and frame.shape[1] >= w
         resized["hr"].append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
-        tiny = cv2.resize(frame, (lr_w, lr_h), interpolation=cv2.INTER_AREA)
-        resized["lr"].append(cv2.resize(tiny, (w, h), interpolation=cv2.INTER_LINEAR))
-    n = len(resized["hr"])
+        tiny.append(cv2.resize(frame, (lr_w, lr_h), interpolation=cv2.INTER_AREA))
+        resized["lr"].append(cv2.resize(tiny[-1], (w, h), interpolation=cv2.INTER_LINEAR))
+    n = len(tiny)
     units = max(1, n // CLIP_FRAMES)
     used = units * CLIP_FRAMES  # frames the units cover (a short video: its frames, then repeats of the last)
     info.update(frames=n, units=units)
-    clips = {}
+    to_full = 171 / w  # flow in pixels of the 128x171 frame, whatever --crop-size
+
+    def padded(stack):
+        return np.stack(stack + [stack[-1]] * (used - len(stack)))
+
+    streams = {"lr_rgb": padded(tiny[:used])}
     for stream, images in resized.items():
         images = images[: used + 1]  # the frame after the last unit still gives that unit its last flow
-        rgb = [center_crop(image, opts.side) for image in images[:used]]
-        to_full = 171 / w  # flow in pixels of the 128x171 frame, whatever --crop-size
-        flow = [flow_to_image(center_crop(motion, opts.side) * to_full, opts.flow_bound)
-                for motion in consecutive_flows(images, opts, raft)]
+        streams[f"{stream}_rgb" if stream == "hr" else "lr_up"] = padded(images[:used])
+        flow = [flow_to_image(motion * to_full, opts.flow_bound) for motion in consecutive_flows(images, opts, raft)]
         # the last frame has no successor: it repeats the last flow (a one-frame video: no motion)
-        flow = flow[:used] or [flow_to_image(np.zeros((opts.side, opts.side, 2), np.float32), opts.flow_bound)]
-        for name, stack in ((f"{stream}_rgb", rgb), (f"{stream}_flow", flow)):
-            stack = stack + [stack[-1]] * (used - len(stack))
-            clips[name] = np.stack(stack).reshape(units, CLIP_FRAMES, opts.side, opts.side, 3)
-    return PreparedVideo(class_name, video, {s: clips[s] for s in STREAM_ORDER}, info)
+        streams[f"{stream}_flow"] = padded(flow[:used] or [flow_to_image(np.zeros((h, w, 2), np.float32), opts.flow_bound)])
+    return info, streams
+
+
+def prepare_video(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> PreparedVideo:
+    """Decode `path` and build its four center-cropped clip stacks (see the module docstring)."""
+    info, streams = video_streams(path, class_name, video, opts, raft)
+    streams["lr_rgb"] = streams.pop("lr_up")
+    (h, w), side = opts.resized, opts.side
+    top, left = (h - side) // 2, (w - side) // 2  # as center_crop
+    clips = {name: np.ascontiguousarray(streams[name][:, top:top + side, left:left + side])
+             .reshape(info["units"], CLIP_FRAMES, side, side, 3) for name in STREAM_ORDER}
+    return PreparedVideo(class_name, video, clips, info)
 
 
 def consecutive_flows(images: list, opts: FrameOptions, raft=None, pairs_per_batch: int = 32):
