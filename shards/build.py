@@ -90,10 +90,10 @@ def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
 
 def _build(root: str, out: str, cfg: BuildConfig, client) -> dict:
     staging = out + ".building"
-    if _prepare_output(out, staging, cfg):
+    if prepare_output(out, staging, cfg):
         return load_manifest(out)
     if os.path.exists(os.path.join(staging, MANIFEST_NAME)):  # killed after the manifest, before the rename
-        return _publish(staging, out)
+        return publish(staging, out)
 
     tree = discover(root, cfg.splits)
     created_staging = not os.path.isdir(staging)
@@ -101,7 +101,7 @@ def _build(root: str, out: str, cfg: BuildConfig, client) -> dict:
         with start_workers(cfg.workers, cfg.scheduler, client) as workers:  # a local cluster starts meanwhile
             units, dim, skipped = _scan(workers, tree, cfg)
             plan = _plan(tree, units, dim, skipped, cfg)
-            journal = _Journal(staging, plan)
+            journal = BuildJournal(staging, plan)
             manifest = _write_all(workers.client, tree, plan, journal, dim, skipped, cfg, root, out)
     except BadVideoError:
         # bad input: nothing of this build may look usable; an interrupted earlier build is kept
@@ -109,10 +109,10 @@ def _build(root: str, out: str, cfg: BuildConfig, client) -> dict:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     store_manifest(staging, manifest)  # the sample tables, then manifest.json
-    return _publish(staging, out)
+    return publish(staging, out)
 
 
-def _prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
+def prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
     """Refuse to clobber; returns True when there is nothing to do (resume of a finished build)."""
     complete = os.path.exists(os.path.join(out, MANIFEST_NAME))
     if os.path.isdir(out) and not complete and os.listdir(out):
@@ -134,7 +134,7 @@ def _prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:
     return False
 
 
-def _publish(staging: str, out: str) -> dict:
+def publish(staging: str, out: str) -> dict:
     """Rename the finished staging folder to `out`, with nothing in it that the manifest does not list
     (temporary files of tasks killed mid-write, on this machine or a lost dask worker)."""
     shutil.rmtree(os.path.join(staging, "_build"), ignore_errors=True)
@@ -184,7 +184,7 @@ def _scan(workers, tree, cfg):
 # ---- plan: which video goes to which shard --------------------------------------------------
 
 
-def _balanced_cut(sizes, n):
+def balanced_cut(sizes, n):
     """Split `sizes` into n contiguous non-empty groups of about equal total; returns boundaries."""
     total, cum, bounds = sum(sizes), np.cumsum(sizes), [0]
     for k in range(1, n):
@@ -204,7 +204,7 @@ def _plan(tree, units, dim, skipped, cfg):
         if order:
             sizes = [units[v.key] * dim * itemsize * len(STREAMS) + 4096 for v in order]
             n = max(math.ceil(sum(sizes) / cfg.shard_bytes), min(cfg.min_shards, len(order)))
-            bounds = _balanced_cut(sizes, min(n, len(order)))
+            bounds = balanced_cut(sizes, min(n, len(order)))
             for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 shards.append({"name": f"{split}/{phase}/{phase}-{i:06d}.tar",
                                "videos": [[v.key, label[v.class_name], units[v.key]] for v in order[a:b]]})
@@ -214,7 +214,7 @@ def _plan(tree, units, dim, skipped, cfg):
             "_videos": by_key}
 
 
-class _Journal:
+class BuildJournal:
     """`_build/` in the staging folder: the plan, and one record per finished task."""
 
     def __init__(self, staging, plan):

@@ -22,6 +22,9 @@ FORMAT_NAME = "elr-shards"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16")
+# what a set holds: C3D features per video (build-shards), or 16-frame clips, one sample per unit
+# (build-clips: shards/clips.py); a manifest without "content" holds features
+CONTENTS = ("features", "clips")
 
 
 def file_sha256(path: str, block: int = 8 << 20) -> str:
@@ -171,8 +174,17 @@ def validate_manifest(m, path: str) -> None:
     classes = m.get("classes")
     _check(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
            and len(set(classes)) == len(classes), path, f'"classes" must be a non-empty list of distinct names, found {classes!r:.80}')
-    _check(_is_int(m.get("dim"), 1), path, f'"dim" must be a positive integer, found {m.get("dim")!r}')
-    _check(m.get("dtype") in DTYPES, path, f'"dtype" must be one of {", ".join(DTYPES)}, found {m.get("dtype")!r}')
+    content = m.get("content", "features")
+    _check(content in CONTENTS, path, f'"content" must be one of {", ".join(CONTENTS)}, found {content!r}')
+    if content == "features":
+        _check(_is_int(m.get("dim"), 1), path, f'"dim" must be a positive integer, found {m.get("dim")!r}')
+        _check(m.get("dtype") in DTYPES, path, f'"dtype" must be one of {", ".join(DTYPES)}, found {m.get("dtype")!r}')
+    else:
+        c = m.get("clips")
+        _check(isinstance(c, dict) and _is_int(c.get("frames"), 1) and isinstance(c.get("storage"), str)
+               and all(isinstance(c.get(k), list) and len(c[k]) == 2 and all(_is_int(x, 1) for x in c[k])
+                       for k in ("size", "lr_size")), path,
+               f'"clips" must say frames, size [H, W], lr_size [H, W] and storage; found {c!r:.120}')
     _check(isinstance(m.get("options"), dict) and isinstance(m["options"].get("formats"), list), path,
            '"options" must be an object with a "formats" list')
     _check(isinstance(m.get("source"), dict), path, '"source" must be an object')

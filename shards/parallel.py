@@ -131,10 +131,11 @@ def _in_worker(fn, *args):
 
 
 def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count=lambda r: 1, nbytes=lambda r: 0,
-              unit: str = "video"):
+              unit: str = "video", each=None):
     """Submit `calls` [(fn, args...)] and return their results in order.
 
-    The bar advances by `count(result)` (videos, say) and shows MB from `nbytes(result)`.
+    The bar advances by `count(result)` (videos, say) and shows MB from `nbytes(result)`; `each(i,
+    result)` is called as call i finishes (a journal records it there: a killed run keeps it).
     The first failure cancels the rest and is raised as it was raised in the worker.
     """
     from dask.distributed import as_completed
@@ -148,6 +149,8 @@ def run_tasks(client, calls, desc: str, total: int, progress: bool = True, count
             for future in as_completed(futures):
                 result = future.result()  # re-raises the worker's exception
                 results[index[future.key]] = result
+                if each is not None:
+                    each(index[future.key], result)
                 done_bytes += nbytes(result)
                 bar.update(count(result))
                 bar.set_postfix_str(f"{done_bytes / 1e6:,.0f} MB")

@@ -74,8 +74,17 @@ class ShardSet:
         self.cache = cache if remote.is_url(root) else None  # a local set is read where it is
 
     @classmethod
-    def open(cls, root: str, samples: bool = False, cache: ShardCache | None = None) -> "ShardSet":
-        return cls(root, load_manifest(root, samples=samples), cache)
+    def open(cls, root: str, samples: bool = False, cache: ShardCache | None = None,
+             content: str | None = "features") -> "ShardSet":
+        """content: what the set must hold ("features", "clips"; None: either), else one ManifestError."""
+        manifest = load_manifest(root, samples=samples)
+        found = manifest.get("content", "features")
+        if content is not None and found != content:
+            raise ManifestError(f"{root}: " + (
+                "a clip set (build-clips: 16-frame clips, not C3D features); fine-tune C3D on it with "
+                f"elr-train-c3d --clips {root}, or give a feature shard set (build-shards)" if found == "clips" else
+                "a feature shard set (build-shards), not clips; build clips from the videos with elr-ingest build-clips"))
+        return cls(root, manifest, cache)
 
     @property
     def classes(self) -> list:

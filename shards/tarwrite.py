@@ -71,9 +71,14 @@ class TarShardWriter:
 
     def write(self, key: str, arrays: dict, meta: dict) -> tuple:
         """Append one sample; returns its (offset, bytes) in the shard: what a range read fetches."""
-        start = self._file.nbytes
         members = {f"{stream}.npy": npy_parts(arrays[stream]) for stream in STREAMS}
-        members["json"] = [json.dumps(meta, sort_keys=True).encode()]
+        return self.write_members(key, members, meta)
+
+    def write_members(self, key: str, members: dict, meta: dict) -> tuple:
+        """Append one sample of members {field: [bytes-like parts]} and its `key.json` meta; returns
+        its (offset, bytes) in the shard."""
+        start = self._file.nbytes
+        members = {**members, "json": [json.dumps(meta, sort_keys=True).encode()]}
         for field in sorted(members):  # the order webdataset's TarWriter uses
             self._member(f"{key}.{field}", members[field])
         self.n_samples += 1

@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 
 from .atomic import is_temp
+from .clips import verify_clip_tar
 from .errors import BadVideoError, ELRError
 from .manifest import encode_table, file_sha256, iter_phases, unlisted_files
 from .shardset import ShardSet
@@ -135,8 +136,12 @@ def _check_table_positions(entry: dict, where: str) -> list:
 def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=True, client=None) -> dict:
     """Check everything; returns {"ok": bool, "problems": [...], "checked": {...}}."""
     shards_dir = os.path.abspath(shards_dir)  # workers (on a cluster, in other folders) get full paths
-    manifest = ShardSet.open(shards_dir, samples=True).manifest  # verify audits every field of it
-    dim, dtype, n_classes = manifest["dim"], manifest["dtype"], len(manifest["classes"])
+    manifest = ShardSet.open(shards_dir, samples=True, content=None).manifest  # verify audits every field
+    dim, dtype, n_classes = manifest.get("dim"), manifest.get("dtype"), len(manifest["classes"])
+    clips = manifest["clips"] if manifest.get("content") == "clips" else None
+    if clips and source:
+        raise ValueError(f"--source: {shards_dir} is a clip set (build-clips); --source compares a feature "
+                         "shard set with its .npy tree")
     source = os.path.abspath(source) if source else None
     calls, total = [], 0
     problems = [f"{rel}: " + ("a temporary file of a writer killed mid-write" if is_temp(rel) else "not in the manifest")
@@ -148,7 +153,10 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
             by_shard.setdefault(s.get("shard"), {})[s["key"]] = s
         for shard in entry.get("webdataset", {}).get("shards", []):
             expected = by_shard.get(os.path.basename(shard["path"]), {})
-            calls.append((_verify_tar, shards_dir, split, phase, shard, expected, dim, dtype, n_classes, source))
+            if clips:
+                calls.append((verify_clip_tar, shards_dir, shard, expected, clips, n_classes))
+            else:
+                calls.append((_verify_tar, shards_dir, split, phase, shard, expected, dim, dtype, n_classes, source))
             total += shard["samples"]
         if "zarr" in entry:
             z = entry["zarr"]
@@ -187,7 +195,7 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
     if source:
         n_source, found = _check_source_coverage(manifest, source)
         problems += found
-    checked = {"tar_shards": sum(1 for c in calls if c[0] is _verify_tar), "samples": sum(seen.values()),
+    checked = {"tar_shards": sum(1 for c in calls if c[0] in (_verify_tar, verify_clip_tar)), "samples": sum(seen.values()),
                "zarr_files": sum(len(e["zarr"]["files"]) for *_, e in iter_phases(manifest) if "zarr" in e),
                "source_videos": n_source}
     return {"ok": not problems, "problems": problems, "checked": checked}

@@ -62,18 +62,27 @@ def bad_tree(tmp_path_factory):
     return str(root), problems
 
 
-def kill_after(cmd, path, lines, env=None) -> list:
-    """Start cmd in its own session, SIGKILL it once the file at path has this many lines; its lines."""
+def kill_after(cmd, path, lines=None, files=None, env=None):
+    """Start cmd in its own session and SIGKILL it once the file at `path` has `lines` lines (or the
+    folder at `path` holds `files` files, recursively); then returns those lines (or file names), or
+    None when cmd ended by itself first."""
+    def found():
+        if files is not None:
+            return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        return open(path).read().splitlines() if os.path.exists(path) else []
+
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and len(open(path).readlines()) >= lines:
+        if len(found()) >= (files if files is not None else lines):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-    return open(path).read().splitlines()
+    if proc.returncode != -signal.SIGKILL:
+        assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+        return None
+    return found()
 
 
 def features_of(out):

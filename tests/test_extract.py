@@ -75,7 +75,7 @@ def test_same_input_same_bytes_and_resume_after_kill(sample_tree, extracted, tmp
            "--out", again, "--random-c3d", "0", "--crop-size", "16", "--scheduler", dask_client.scheduler.address, "-q"]
     journal = os.path.join(again, ".Split1-features.jsonl")
     lines = kill_after(cmd, journal, lines=3)  # the options and 2 videos
-    assert '"finished"' not in lines[-1], "the run finished before it could be killed"
+    assert lines and '"finished"' not in lines[-1], "the run finished before it could be killed"
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1 and "holds an interrupted extraction of Split1; --resume" in result.stderr
     result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)

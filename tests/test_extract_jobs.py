@@ -71,9 +71,9 @@ def test_two_jobs_write_the_tree_of_one_and_a_killed_job_resumes_alone(sample_tr
         out = tmp_path / f"HMDB51-{attempt}"
         job0 = command(root, out, "--num-jobs", "2", "--job-index", "0", scheduler=scheduler)
         lines = kill_after(job0, journal(out, 0), lines=2, env=ENV)  # the options, 1 video
-        if '"finished"' not in lines[-1]:
+        if lines and '"finished"' not in lines[-1]:
             break
-    assert '"finished"' not in lines[-1], "job 0 finished before it could be killed, 3 times"
+    assert lines and '"finished"' not in lines[-1], "job 0 finished before it could be killed, 3 times"
     killed_after = len(lines) - 1
     job1 = command(root, out, "--num-jobs", "2", scheduler=scheduler)
     done = subprocess.run(job1, capture_output=True, text=True, env={**ENV, "SLURM_ARRAY_TASK_ID": "1"}, timeout=300)

@@ -26,7 +26,7 @@ from shards.progress import Progress
 
 from ingest.videos.flow import METHODS, check_method
 from ingest.videos.frames import FrameOptions
-from ingest.videos.splits import PHASE_OF_LABEL, SplitError, plan_videos
+from ingest.videos.splits import PHASE_OF_LABEL, checked_plan
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
 from .jobs import balanced_share, finish_jobs, header_frame_counts
@@ -144,7 +144,7 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
     Job I of N (cfg.num_jobs > 1) writes its share and journal only and returns {"job": ...}; the
     --finish step checks them all and writes features.json (jobs.py)."""
     if cfg.finish:
-        plan = checked_plan(videos, splits, cfg)
+        plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
         split = f"Split{cfg.split}"
         return finish_jobs(out, split, plan, cfg,
                            lambda header, entries, timing: write_record(videos, splits, out, plan, header, entries, timing))
@@ -231,24 +231,10 @@ def c3d_on_workers(client, todo, networks, weights, cfg, t0: float) -> tuple:
     return videos(), done
 
 
-def checked_plan(videos: str, splits: str, cfg: ExtractConfig):
-    """The split's videos; a problem in the split files stops here unless --on-error skip."""
-    plan = plan_videos(videos, splits, cfg.split, cfg.validation)
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if plan.problems and cfg.on_error == "fail":
-        path, message = plan.problems[0]
-        more = f" (and {len(plan.problems) - 1} more; --on-error skip lists them in features.json)" if len(plan.problems) > 1 else ""
-        raise SplitError(f"{path}: {message}{more}")
-    if not plan.jobs:
-        raise SplitError(f"{videos}: no video to extract for split {cfg.split}")
-    return plan
-
-
 def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
-    plan = checked_plan(videos, splits, cfg)
+    plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
     jobs = plan.jobs
     mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
     check_method(cfg.flow, cfg.raft_weights)

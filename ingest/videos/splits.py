@@ -138,3 +138,21 @@ def plan_videos(videos_dir: str, splits_dir: str, split: int = 1, validation: st
             plan.warnings.append(f"{name} is a video of {len(classes)} classes ({', '.join(classes)}): a copy in "
                                  "the wrong folder? Both are extracted")
     return plan
+
+
+def checked_plan(videos: str, splits: str, split: int, validation: str, on_error: str,
+                 record: str = "features.json") -> VideoPlan:
+    """plan_videos, its warnings printed; a problem in the split files stops here unless on_error is
+    "skip" (the caller lists them in `record`), and so does a split without videos."""
+    import sys
+
+    plan = plan_videos(videos, splits, split, validation)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if plan.problems and on_error == "fail":
+        path, message = plan.problems[0]
+        more = f" (and {len(plan.problems) - 1} more; --on-error skip lists them in {record})" if len(plan.problems) > 1 else ""
+        raise SplitError(f"{path}: {message}{more}")
+    if not plan.jobs:
+        raise SplitError(f"{videos}: no video for split {split}")
+    return plan

@@ -1,0 +1,207 @@
+"""Clip sets (build-clips): how a 16-frame unit is stored in a tar shard, read back, and verified.
+
+One tar sample per unit, keyed `<video key>_u<unit>` (units of a video are consecutive samples):
+
+    <key>.json           {"label", "class", "video", "split", "phase", "unit", "units"}
+    <key>.hr_rgb.<ext>   the unit's HR RGB frames (H x W: 128x171 for 112 crops)
+    <key>.lr_rgb.<ext>   its LR RGB frames at their low resolution (12x16; upsampled on the device)
+    <key>.hr_flow.<ext>  flow images of the HR frames (x, y, magnitude; 128: no motion), H x W
+    <key>.lr_flow.<ext>  flow images of the LR frames brought back to H x W
+
+A stream member holds its frames end to end after a header of one little-endian uint32 size per
+frame: JPEG (ext "jpgs", the default) or PNG ("pngs") images of R, G, B frames, or "raw": the
+uint8 array (frames, h, w, 3) as it is (LR RGB is always raw: stream_storage). One member a stream, not one a frame: a tar header per
+frame would add 8 KB to a 190 KB unit. The manifest is a shard set's (shards.manifest) with
+"content": "clips", a "clips" record (frames, size, lr_size, storage), and one sample-table row per
+video ({key, label, units, class, video, shard}); a shard entry's "samples" counts its videos.
+"""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+
+from .errors import ELRError, ShardCorruptError
+from .manifest import file_sha256
+from .tario import group_samples, iter_mapped_members
+
+STREAMS = ("hr_rgb", "lr_rgb", "hr_flow", "lr_flow")
+STORAGE = {"jpeg": "jpgs", "png": "pngs", "raw": "raw"}  # storage -> member extension
+
+
+def stream_storage(storage: str, stream: str) -> str:
+    """How a stream is stored: LR RGB always raw (12x16x3 = 576 bytes a frame, fewer than a JPEG's own
+    headers, and JPEG's 8x8 blocks would blur the eLR frames the whole method is about)."""
+    return "raw" if stream == "lr_rgb" else storage
+
+
+def member_name(storage: str, stream: str) -> str:
+    return f"{stream}.{STORAGE[stream_storage(storage, stream)]}"
+
+
+def unit_key(video_key: str, unit: int) -> str:
+    return f"{video_key}_u{unit:05d}"
+
+
+def encode_frames(frames: np.ndarray, storage: str, quality: int = 90) -> bytes:
+    """uint8 R, G, B frames (n, h, w, 3) -> one stream member's bytes."""
+    if storage == "raw":
+        return np.ascontiguousarray(frames).tobytes()
+    import cv2
+
+    ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality]) if storage == "jpeg" else (".png", [])
+    parts = []
+    for frame in frames:
+        ok, data = cv2.imencode(ext, np.ascontiguousarray(frame[..., ::-1]), params)  # OpenCV writes B, G, R
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {frame.shape} frame as {storage}")
+        parts.append(data.tobytes())
+    return np.array([len(p) for p in parts], "<u4").tobytes() + b"".join(parts)
+
+
+def decode_frames(data, storage: str, shape: tuple) -> np.ndarray:
+    """One stream member's bytes -> uint8 R, G, B frames of `shape` (n, h, w, 3); a member that does
+    not hold them is a ValueError saying what differs."""
+    if storage == "raw":
+        if len(data) != int(np.prod(shape)):
+            raise ValueError(f"{len(data)} bytes, {shape} needs {int(np.prod(shape))}")
+        return np.frombuffer(data, np.uint8).reshape(shape)
+    import cv2
+
+    n = shape[0]
+    if len(data) < 4 * n:
+        raise ValueError(f"{len(data)} bytes: shorter than its header of {n} frame sizes")
+    sizes = np.frombuffer(data, "<u4", n).tolist()
+    if 4 * n + sum(sizes) != len(data):
+        raise ValueError(f"{len(data)} bytes, its header says {4 * n + sum(sizes)}")
+    out, at = np.empty(shape, np.uint8), 4 * n
+    for i, size in enumerate(sizes):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8, size, at), cv2.IMREAD_COLOR)
+        if image is None or image.shape != shape[1:]:
+            raise ValueError(f"frame {i} is not a {shape[2]}x{shape[1]} image"
+                             + ("" if image is None else f" (found {image.shape[1]}x{image.shape[0]})"))
+        out[i] = image[..., ::-1]
+        at += size
+    return out
+
+
+def stream_shapes(clips: dict) -> dict:
+    """{stream: (frames, h, w, 3)} of a clip set's "clips" record."""
+    n, (h, w), (lh, lw) = clips["frames"], clips["size"], clips["lr_size"]
+    return {s: (n, lh, lw, 3) if s == "lr_rgb" else (n, h, w, 3) for s in STREAMS}
+
+
+def verify_clip_tar(root: str, shard: dict, expected: dict, clips: dict, n_classes: int) -> dict:
+    """Hash one clip shard and decode every unit: its videos' units all there, in order, with the
+    manifest's label, class and video, and every frame of the size the set says. {"seen": [(video
+    key, label)], "problems": [...], "n": videos}."""
+    name, path = shard["path"], os.path.join(root, shard["path"])
+    if not os.path.exists(path):
+        return {"seen": [], "problems": [f"{name}: missing"], "n": shard["samples"]}
+    problems, units = [], Counter()
+    labels, shapes = {}, stream_shapes(clips)
+    try:
+        for raw in group_samples(iter_mapped_members(path, name), name):
+            key = raw["__key__"]
+            video_key, _, unit = key.rpartition("_u")
+            where = f"{name}: key {key}"
+            try:
+                meta = json.loads(bytes(raw["json"]))
+            except (KeyError, ValueError):
+                problems.append(f"{where}: no readable .json")
+                continue
+            entry = expected.get(video_key)
+            if entry is None:
+                problems.append(f"{where}: its video is not in the manifest")
+                continue
+            if meta.get("unit") != units[video_key] or unit != f"{units[video_key]:05d}":
+                problems.append(f"{where}: unit {meta.get('unit')!r} where unit {units[video_key]} of "
+                                f"{entry['class']}/{entry['video']} belongs")
+            units[video_key] += 1
+            labels[video_key] = meta.get("label")
+            problems += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
+                         for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
+            for stream, shape in shapes.items():
+                member = member_name(clips["storage"], stream)
+                try:
+                    decode_frames(raw[member], stream_storage(clips["storage"], stream), shape)
+                except KeyError:
+                    problems.append(f"{where}: no {member}")
+                except ValueError as e:
+                    problems.append(f"{where}: {member}: {e}")
+    except ELRError as e:
+        problems.append(str(e))
+    for video_key, entry in expected.items():
+        if units[video_key] != entry["units"]:
+            problems.append(f"{name}: {entry['class']}/{entry['video']} has {units[video_key]} units, "
+                            f"manifest says {entry['units']}")
+    size = os.path.getsize(path)
+    if size != shard["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
+    elif file_sha256(path) != shard["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    return {"seen": sorted(labels.items()), "problems": problems, "n": shard["samples"]}
+
+
+class ClipSet:
+    """A local clip set opened for reading: a phase's units in table order, each read by its index.
+
+    `units(split, phase)` -> [(shard index, unit index in its shard, video index, unit of its video)]
+    (from the sample table alone: a video's units are consecutive samples of its shard);
+    `read(split, phase, unit)` -> {"meta": ..., stream: uint8 frames} for the streams asked for. A
+    shard is mapped and its tar headers parsed once per process (shards.tario)."""
+
+    def __init__(self, root: str):
+        from . import remote
+        from .shardset import ShardSet
+
+        if remote.is_url(root):
+            raise ValueError(f"{root}: clip sets are read from a local folder (copy it first: clips are read at "
+                             "random, a unit at a time)")
+        self.root = os.path.abspath(root)
+        self.manifest = ShardSet.open(self.root, samples=True, content="clips").manifest
+        self.clips, self.classes = self.manifest["clips"], self.manifest["classes"]
+        self.shapes = stream_shapes(self.clips)
+        self._units = {}
+
+    def phases(self, split: str) -> list:
+        return list(self.manifest["splits"].get(split, {}))
+
+    def videos(self, split: str, phase: str) -> list:
+        """The phase's sample-table rows (key, label, units, class, video, shard), in table order."""
+        return self.manifest["splits"][split][phase]["samples"]
+
+    def units(self, split: str, phase: str) -> list:
+        if (split, phase) not in self._units:
+            entry = self.manifest["splits"][split][phase]
+            shard_of = {os.path.basename(s["path"]): i for i, s in enumerate(entry["webdataset"]["shards"])}
+            units, at = [], Counter()
+            for v, row in enumerate(entry["samples"]):
+                shard = shard_of[row["shard"]]
+                units += [(shard, at[shard] + u, v, u) for u in range(row["units"])]
+                at[shard] += row["units"]
+            self._units[(split, phase)] = units
+        return self._units[(split, phase)]
+
+    def read(self, split: str, phase: str, unit: tuple, streams=STREAMS) -> dict:
+        from .tario import mapped_samples
+
+        shard, index, video, u = unit
+        rel = self.manifest["splits"][split][phase]["webdataset"]["shards"][shard]["path"]
+        path = os.path.join(self.root, rel)
+        raw = next(mapped_samples(path, rel, skip=index, take=1), None)
+        row = self.videos(split, phase)[video]
+        if raw is None or raw["__key__"] != unit_key(row["key"], u):
+            raise ShardCorruptError(f"{rel}: sample {index} is not unit {u} of {row['class']}/{row['video']} "
+                                    "(a shard changed since its manifest was written? elr-ingest verify finds it)")
+        out = {"meta": json.loads(bytes(raw["json"]))}
+        for stream in streams:
+            storage = self.clips["storage"]
+            try:
+                out[stream] = decode_frames(raw[member_name(storage, stream)], stream_storage(storage, stream),
+                                            self.shapes[stream])
+            except (KeyError, ValueError) as e:
+                raise ShardCorruptError(f"{rel}: key {raw['__key__']}: {stream}: "
+                                        f"{'missing' if isinstance(e, KeyError) else e}") from None
+        return out
