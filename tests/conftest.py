@@ -64,17 +64,19 @@ def bad_tree(tmp_path_factory):
 
 def kill_after(cmd, path, lines=None, files=None, env=None):
     """Start cmd in its own session and SIGKILL it once the file at `path` has `lines` lines (or the
-    folder at `path` holds `files` files, recursively); then returns those lines (or file names), or
-    None when cmd ended by itself first."""
+    folder at `path` holds `files` files, recursively; or, with neither, once `path` exists); then
+    returns those lines (or file names, or [path]), or None when cmd ended by itself first."""
     def found():
         if files is not None:
             return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        if lines is None:
+            return [path] if os.path.exists(path) else []
         return open(path).read().splitlines() if os.path.exists(path) else []
 
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(found()) >= (files if files is not None else lines):
+        if len(found()) >= (files if files is not None else lines or 1):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)

@@ -89,9 +89,10 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def config_options(command):
-    """A click option for every TrainConfig field, with its help and extra spellings."""
-    for f in reversed(fields(TrainConfig)):
+def config_options(command, config=None):
+    """A click option for every field of `config` (a dataclass made of option() fields; TrainConfig by
+    default), with its help and extra spellings."""
+    for f in reversed(fields(config or TrainConfig)):
         names = ["--" + flag(f.name), *f.metadata["flags"]]
         if f.name == "quiet":
             command = click.option(*names, f.name, is_flag=True, help=f.metadata["help"])(command)

@@ -56,26 +56,32 @@ def launch_local(cfg: TrainConfig, worker):
 
 
 def _launch(cfg: TrainConfig, worker):
+    resume_decision(cfg, preflight(cfg).digest, restart=0)  # a mistake is reported once, here
+    return elastic_run(cfg.nproc, cfg.max_restarts, worker, asdict(cfg), "training")
+
+
+def elastic_run(nproc: int, max_restarts: int, worker, payload, what: str):
+    """worker(payload) in `nproc` local processes started by torch's elastic launcher (what torchrun
+    uses); rank 0's result. A worker that printed its Error line exits 1: nothing more is said."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    resume_decision(cfg, preflight(cfg).digest, restart=0)  # a mistake is reported once, here
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
                 "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"):
         os.environ.pop(var, None)  # a torchrun parent's own single-process values must not leak into the workers
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # workers print their own errors
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"elr-{uuid.uuid4().hex[:12]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.max_restarts,
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"elr-{uuid.uuid4().hex[:12]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
                           monitor_interval=0.2, start_method="spawn")
     try:
-        results = elastic_launch(launch, worker)(asdict(cfg))
+        results = elastic_launch(launch, worker)(payload)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes == {1}:
             raise Reported() from None  # the failed workers printed their Error line
         rank, failure = min(e.failures.items())
         died = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        raise click.ClickException(f"training process of rank {rank} died ({died})") from None
+        raise click.ClickException(f"{what} process of rank {rank} died ({died})") from None
     return results[0]

@@ -33,12 +33,19 @@ class Setup:
 
 def setup_process(cfg: TrainConfig) -> Setup:
     """Rank, device and process group, from the environment torchrun (or launch_local) sets."""
-    keep_freed_memory()  # every step's batches reuse memory (and loader workers forked from here)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if world > cfg.data_streams:
         raise ValueError(f"{world} processes for --data-streams {cfg.data_streams}: each process reads whole streams, "
                          f"so at most {cfg.data_streams} can share them")
+    return start_process(cfg.device)
+
+
+def start_process(device_option: str) -> Setup:
+    """This process's rank and device (a GPU of its own, or its share of the CPU's cores), and the
+    process group (NCCL on GPUs, gloo on the CPU) when there are several."""
+    keep_freed_memory()  # every step's batches reuse memory (and loader workers forked from here)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_option, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores (torchrun's CLI does this too)

@@ -101,6 +101,61 @@ def random_c3d(seed: int, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
     return model.eval()
 
 
+class C3DClassifier(C3D):
+    """C3D as the paper trains it: conv1 .. fc6 (C3D), then dropout, fc7, ReLU, dropout and a new fc8
+    for the dataset's classes; forward(clips) -> logits. Its state_dict has c3d.pickle's key names,
+    so extract-features reads a fine-tuned one like the published weights (fc7 and fc8 ignored)."""
+
+    def __init__(self, classes: int, side: int = INPUT_SIDE, padding_mode: str = "zeros", pool5: str = "caffe",
+                 dropout: float = 0.5):
+        super().__init__(side, padding_mode, pool5)
+        self.padding_mode = padding_mode
+        self.fc7 = nn.Linear(FEATURE_DIM, FEATURE_DIM)
+        self.fc8 = nn.Linear(FEATURE_DIM, classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, keep=None):
+        """Logits of clips x; keep: (b, 2, 4096) dropout masks for fc7's and fc8's inputs (1/(1-p) where
+        kept, 0 where dropped), drawn by the caller per clip (nn.Dropout's own masks otherwise)."""
+        x = super().forward(x)
+        x = x * keep[:, 0] if keep is not None else self.dropout(x)
+        x = F.relu(self.fc7(x))
+        return self.fc8(x * keep[:, 1] if keep is not None else self.dropout(x))
+
+
+RANDOM_FC6_SCALE = 128.0
+
+
+def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None, random_seed: int | None = None,
+                   dropout: float = 0.5) -> C3DClassifier:
+    """C3DClassifier from the Sports-1M weights (`init`: conv1 .. fc7 of c3d.pickle) or, for tests and
+    demos, random_c3d's seeded weights; fc8 (and fc7 where the weights lack it) drawn from N(0, 0.01)
+    with `random_seed` or 0, as Caffe's fine-tuning examples initialise a new layer."""
+    generator = torch.Generator().manual_seed(random_seed or 0)
+    if init is not None:
+        trunk, padding = load_c3d(init, side, pool5), "zeros"
+        state = load_state_file(init, WeightsError, "weights")
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    else:
+        trunk, padding, state = random_c3d(random_seed, side, pool5), "replicate", {}
+        with torch.no_grad():  # its fc6 answers in pixel units (~100s): at unit scale SGD can train it
+            trunk.fc6.weight.div_(RANDOM_FC6_SCALE)  # (its features: random_c3d's / 128 exactly, ReLU being
+            trunk.fc6.bias.div_(RANDOM_FC6_SCALE)  # positively homogeneous)
+    model = C3DClassifier(classes, side, padding, pool5, dropout)
+    model.load_state_dict(trunk.state_dict(), strict=False)
+    with torch.no_grad():
+        for name in ("fc7", "fc8"):
+            layer = getattr(model, name)
+            weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+            if name == "fc7" and weight is not None and tuple(weight.shape) == tuple(layer.weight.shape):
+                layer.weight.copy_(weight.float())
+                layer.bias.copy_(bias.float())
+            else:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
+                layer.bias.zero_()
+    return model
+
+
 def load_state_file(path: str, error: type, what: str):
     """torch.load without unpickling code (weights_only); a missing or unreadable file is one `error`."""
     try:

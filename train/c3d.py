@@ -1,0 +1,406 @@
+"""Fine-tune C3D on a clip set (elr-ingest build-clips): the seed's step 2, on any number of processes.
+
+examples:
+  elr-train-c3d --clips data/HMDB51-clips --streams hr_rgb,lr_rgb --init c3d.pickle --out runs/c3d-rgb
+  elr-train-c3d --clips data/HMDB51-clips --streams hr_flow,lr_flow --init c3d.pickle --out runs/c3d-flow
+  elr-train-c3d --nproc 4 --clips data/HMDB51-clips --init c3d.pickle       # 4 local DDP workers
+  torchrun --nproc-per-node 8 -m train.c3d --clips ... --init c3d.pickle
+  elr-train-c3d --out runs/c3d-rgb --resume ...                              # continue a killed run
+  elr-train-c3d --clips demo/clips --random-c3d 0 --crop-size 16 --out runs/demo-c3d   # tests, demos
+then:
+  elr-ingest extract-features VIDEOS ... --c3d-weights runs/c3d-rgb/best.pt --c3d-flow-weights runs/c3d-flow/best.pt
+
+One network for the streams given: HR and LR clips of a unit pass through the same weights (the
+seed's coupling idea) or one stream alone; flow streams get a network of their own. Defaults follow
+C3D fine-tuning as commonly run (C3D-v1.0's UCF101 example and its ports): SGD with momentum 0.9,
+lr 0.001 divided by 10 every 4 epochs, weight decay 0.005, dropout 0.5 before fc7 and fc8, gradient
+norm clipped to 40 (mmaction2's C3D recipe), 30 units a step, random 112x112 crops and horizontal flips; fc8 is new (N(0, 0.01)). Each epoch reports clip
+accuracy and video accuracy (softmax averaged over a video's units) on Validation and Test, center
+crops; best.pt is the epoch with the best video accuracy on Validation (Test where the set has no
+Validation) of the LR stream where it is trained: what extract-features reads.
+"""
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import click
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    from elr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from elr.data.clips import ClipBatches, c3d_input, clip_loader
+    from elr.metrics import plot_curves, write_metrics
+    from elr.model import AMP, DEVICES, check_device
+    from ingest.c3d.network import C3D_MEAN_BGR, FEATURE_DIM, POOL5, c3d_classifier
+    from shards.cli import call, run_command_line
+    from shards.clips import STREAMS, ClipSet
+    from shards.errors import ELRError
+    from shards.lock import OutputFolder
+    from shards.manifest import manifest_digest
+    from shards.progress import Progress
+    from train.config import config_options, flag, option
+    from train.launch import elastic_run, guarded
+    from train.startup import agree, start_process
+except ModuleNotFoundError as e:  # run from a checkout that was never installed
+    sys.exit(f"Error: cannot import {e.name!r}: install the project first (bash scripts/setup.sh, or pip install -e .)")
+
+
+@dataclass
+class C3DTrainConfig:
+    clips: str = option("data/HMDB51-clips", "clip set (elr-ingest build-clips): a local folder")
+    split: str = option("Split1", "which Split* of the clip set")
+    streams: str = option("hr_rgb,lr_rgb", "streams through the one network: hr_rgb,lr_rgb (RGB, HR and LR coupled), "
+                          "hr_flow,lr_flow (flow), or one stream")
+    init: str = option("", "Sports-1M C3D state_dict (c3d.pickle): conv1 .. fc7 start from it, fc8 is new")
+    random_c3d: int = option(-1, "random C3D weights from this seed instead of --init: tests and demos only")
+    crop_size: int = option(0, "C3D input side (0: the clip set's; 112 for the published weights)")
+    pool5: str = option("caffe", "pool5 windows: caffe (as the Sports-1M weights were trained) | port")
+    out: str = option("runs/c3d", "run folder: last.pt, best.pt, metrics.jsonl, curves.png")
+    epochs: int = option(12, "epochs in all (a resumed run may raise it)")
+    batch_size: int = option(30, "global units a step (each gives one clip per stream)")
+    lr: float = option(0.001, "SGD learning rate at the start")
+    lr_step: int = option(4, "divide the learning rate by 10 every N epochs")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(0.005, "SGD weight decay")
+    dropout: float = option(0.5, "dropout before fc7 and fc8, as C3D")
+    clip_grad: float = option(40.0, "clip the gradient's norm to this (0: off), as mmaction2's C3D recipe")
+    amp: str = option("auto", "mixed precision: bf16 | fp16 | off | auto (bf16 on a GPU, off on the CPU)")
+    device: str = option("auto", f"{' | '.join(DEVICES)} (or cuda:N); auto takes a GPU when there is one")
+    loader_workers: int = option(-1, "DataLoader worker processes per rank (decode, crop, flip); -1: 4 on CUDA, "
+                                 "1 on the CPU", "--workers")
+    eval_batch: int = option(32, "units a rank scores at once when evaluating")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: at epoch ends only)")
+    max_steps: int = option(0, "stop after N steps in all (0: no limit); for smoke tests and benchmarks")
+    seed: int = option(0, "new layers' weights, the data order, crops, flips and dropout")
+    nproc: int = option(1, "start this many local workers (when not launched by torchrun)", "--nprocs")
+    resume: bool = option(False, "continue the run in --out from its last.pt (same clip set and options)")
+    quiet: bool = option(False, "no progress bar", "-q")
+
+    def __post_init__(self):
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("epochs", "batch_size", "lr_step", "eval_batch", "nproc"):
+            need(getattr(self, name) >= 1, f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "max_steps", "crop_size"):
+            need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.dropout < 1
+             and self.clip_grad >= 0, "--lr > 0, --momentum in [0, 1), --weight-decay >= 0, --dropout in [0, 1) and "
+             "--clip-grad >= 0 are required")
+        unknown = [s for s in self.stream_list if s not in STREAMS]
+        need(self.stream_list and not unknown, f"--streams: {','.join(unknown) or 'none'}: choose from {', '.join(STREAMS)}")
+        need(len({s.endswith("flow") for s in self.stream_list}) == 1,
+             f"--streams {self.streams}: RGB and flow streams need networks of their own (train them in two runs)")
+        need((self.init != "") != (self.random_c3d >= 0),
+             "give --init c3d.pickle (the Sports-1M C3D) or, for tests and demos only, --random-c3d SEED"
+             if not self.init else "--init and --random-c3d exclude each other")
+        need(self.pool5 in POOL5, f"--pool5 must be one of {', '.join(POOL5)}, got {self.pool5!r}")
+        need(self.amp in (*AMP, "auto"), f"--amp must be bf16, fp16, off or auto, got {self.amp!r}")
+        need(self.loader_workers >= -1, f"--loader-workers must be >= 0, or -1 for automatic, got {self.loader_workers}")
+        need(self.batch_size % self.nproc == 0, f"--batch-size ({self.batch_size}) must be a multiple of --nproc "
+             f"({self.nproc}): every process takes an equal share of a step")
+        check_device(self.device)
+
+    @property
+    def stream_list(self) -> list:
+        return [s.strip() for s in self.streams.split(",") if s.strip()]
+
+
+# Options that shape the weights: a resumed run must have the same ones as the run it continues.
+TRAJECTORY = ("split", "streams", "init", "random_c3d", "crop_size", "pool5", "batch_size", "lr", "lr_step",
+              "momentum", "weight_decay", "dropout", "clip_grad", "amp", "seed")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Plan:
+    """What every rank needs to know of the clip set, checked before any process starts."""
+    classes: list
+    frame: tuple  # (H, W) of the stored frames
+    set_crop: int  # the crop the clips were stored for (the window cut from the frames)
+    crop: int  # the network's input side
+    train_units: int
+    phases: list  # evaluation phases: Validation (where there is one), Test
+    digest: str
+
+
+def plan_run(cfg: C3DTrainConfig) -> Plan:
+    clips = ClipSet(cfg.clips)
+    if cfg.split not in clips.manifest["splits"]:
+        raise ELRError(f"--split {cfg.split}: not in the clip set {cfg.clips} (it has "
+                       f"{', '.join(sorted(clips.manifest['splits']))})")
+    phases = clips.phases(cfg.split)
+    missing = [p for p in ("Train", "Test") if p not in phases]
+    if missing:
+        raise ELRError(f"--clips {cfg.clips}: {cfg.split} has no {' or '.join(missing)} clips")
+    set_crop = clips.manifest["options"]["side"]
+    crop = cfg.crop_size or set_crop
+    if crop > set_crop:
+        raise ELRError(f"--crop-size {crop} is more than the clip set was built for ({set_crop}): build the clips "
+                       f"with elr-ingest build-clips --crop-size {crop}")
+    train_units = len(clips.units(cfg.split, "Train"))
+    if cfg.batch_size > train_units:
+        raise ELRError(f"--batch-size {cfg.batch_size} is more than the {train_units} Train units of {cfg.clips}")
+    if cfg.init and not os.path.isfile(cfg.init):
+        raise ELRError(f"--init {cfg.init}: no such weights file")
+    return Plan(clips.classes, tuple(clips.clips["size"]), set_crop, crop, train_units,
+                [p for p in ("Validation", "Test") if p in phases], manifest_digest(clips.manifest))
+
+
+def resume_state(cfg: C3DTrainConfig, plan: Plan) -> dict | None:
+    """The checkpoint to continue (None: a new run); a mismatch is one CheckpointError."""
+    path = os.path.join(cfg.out, "last.pt")
+    if not os.path.exists(path):
+        if cfg.resume:
+            log(f"--resume: no {path} yet; starting a new run")
+        return None
+    if not cfg.resume:
+        raise CheckpointError(f"{path} exists; pass --resume to continue that run or choose another --out")
+    state = load_checkpoint(path)
+    if state.get("kind") != "elr-train-c3d":
+        raise CheckpointError(f"{path}: not an elr-train-c3d checkpoint")
+    if state["clips_digest"] != plan.digest:
+        raise CheckpointError(f"--resume: {path} was trained on another clip set (--clips {cfg.clips} differs)")
+    old, new = state["config"], asdict(cfg)
+    differs = [k for k in TRAJECTORY if old[k] != new[k]]
+    if differs:
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old[k]}" for k in differs)
+                              + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
+                              + " (use the same options, or another --out)")
+    return state
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def amp_dtype(cfg: C3DTrainConfig, device: torch.device):
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    return amp, AMP[amp]
+
+
+def all_sum(values: list, device) -> list:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def dropout_masks(units: list, streams: int, seed: int, epoch: int, p: float, device) -> torch.Tensor | None:
+    """(streams x units, 2, 4096) dropout masks for fc7's and fc8's inputs, each clip's drawn from
+    (seed, epoch, unit, stream) alone: a step drops the same features whatever the world size and
+    however the run was interrupted."""
+    if not p:
+        return None
+    rows = [torch.rand(2, FEATURE_DIM, generator=torch.Generator().manual_seed(hash((seed, epoch, u, s)) % (1 << 62)))
+            for s in range(streams) for u in units]
+    return ((torch.stack(rows) >= p).float() / (1 - p)).to(device)
+
+
+def evaluate(model, cfg: C3DTrainConfig, plan: Plan, phase: str, rank: int, world: int, device, workers: int,
+             amp) -> dict:
+    """{stream: {"clip_acc", "video_acc"}} on `phase`, center crops, every unit once over the ranks."""
+    data = ClipBatches(cfg.clips, cfg.split, phase, cfg.stream_list, plan.set_crop, cfg.eval_batch, train=False,
+                       rank=rank, world=world)
+    mean = torch.tensor(C3D_MEAN_BGR)
+    n_videos, n_classes = len(data.labels), len(plan.classes)
+    scores = {s: torch.zeros(n_videos, n_classes, dtype=torch.float64, device=device) for s in cfg.stream_list}
+    correct = {s: 0 for s in cfg.stream_list}
+    clips = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in clip_loader(data, 0, workers, device.type == "cuda"):
+            video, label = batch["video"].to(device), batch["label"].to(device)
+            for s in cfg.stream_list:
+                x = c3d_input(batch, s, plan.frame, plan.set_crop, plan.crop, mean, device)
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    logits = model(x).float()
+                scores[s].index_add_(0, video, F.softmax(logits, 1).double())
+                correct[s] += int((logits.argmax(1) == label).sum())
+            clips += len(label)
+    model.train()
+    clips = all_sum([clips], device)[0]
+    out = {}
+    labels = torch.from_numpy(data.labels).to(device)
+    for s in cfg.stream_list:
+        if dist.is_initialized():
+            dist.all_reduce(scores[s])
+        out[s] = {"clip_acc": all_sum([correct[s]], device)[0] / clips,
+                  "video_acc": float((scores[s].argmax(1) == labels).double().mean())}
+    return out
+
+
+def checkpoint_meta(cfg: C3DTrainConfig, plan: Plan, model) -> dict:
+    """What extract-features needs to run a fine-tuned network as it was trained."""
+    return {"crop_size": plan.crop, "pool5": cfg.pool5, "padding_mode": model.padding_mode,
+            "classes": plan.classes, "streams": cfg.stream_list}
+
+
+def run(cfg: C3DTrainConfig) -> dict:
+    """One rank of the run (torchrun, --nproc or alone); rank 0's result: the last epoch's record."""
+    setup = start_process(cfg.device)
+    plan = plan_run(cfg)
+    device = setup.device
+    amp_name, amp = amp_dtype(cfg, device)
+    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if device.type == "cuda" else 1)
+    init = None if cfg.random_c3d >= 0 else cfg.init
+    model = c3d_classifier(len(plan.classes), plan.crop, cfg.pool5, init, cfg.random_c3d if init is None else cfg.seed,
+                           cfg.dropout).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
+    state = agree(setup, lambda: resume_state(cfg, plan))  # rank 0 decides; every rank gets the checkpoint
+    # stats: loss x clips, correct clips, clips (over all ranks, summed at checkpoints), data wait and
+    # step seconds (this rank's)
+    epoch, step, history, stats, best = 0, 0, [], [0.0] * 5, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, step, history, stats, best = state["epoch"], state["step"], state["history"], state["stats"], state["best"]
+    net = DDP(model) if setup.world > 1 else model  # after loading: DDP starts every rank from rank 0's weights
+    if setup.master:
+        log("elr-train-c3d: " + json.dumps({**asdict(cfg), "world": setup.world, "device": str(device), "amp": amp_name,
+                                             "crop": plan.crop, "classes": len(plan.classes),
+                                             "train_units": plan.train_units, "resumed_at": [epoch, step]}))
+    mean = torch.tensor(C3D_MEAN_BGR)
+    done_steps = sum(h["steps"] for h in history) + step
+    record = history[-1] if history else {}
+
+    def save(path_name: str, epoch_: int, step_: int, stats_: list):
+        if setup.master:
+            save_checkpoint(os.path.join(cfg.out, path_name), {
+                "kind": "elr-train-c3d", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch_, "step": step_, "stats": stats_, "history": history,
+                "best": best, "config": asdict(cfg), "clips_digest": plan.digest, **checkpoint_meta(cfg, plan, model)})
+
+    while epoch < cfg.epochs and not (cfg.max_steps and done_steps >= cfg.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.1 ** (epoch // cfg.lr_step)
+        data = ClipBatches(cfg.clips, cfg.split, "Train", cfg.stream_list, plan.set_crop, cfg.batch_size, cfg.seed,
+                           epoch, True, setup.rank, setup.world)
+        steps = data.steps()
+        local = [0.0, 0.0, 0.0]  # loss x clips, correct clips, clips: this rank's since the last sum
+        batches = iter(clip_loader(data, step, workers, device.type == "cuda"))
+        with Progress(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
+                      leave=False, disable=cfg.quiet or not setup.master) as bar:
+            while step < steps and not (cfg.max_steps and done_steps >= cfg.max_steps):
+                asked = time.perf_counter()
+                batch = next(batches)
+                got = time.perf_counter()
+                x = torch.cat([c3d_input(batch, s, plan.frame, plan.set_crop, plan.crop, mean, device)
+                               for s in cfg.stream_list])
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                y = batch["label"].to(device).repeat(len(cfg.stream_list))
+                keep = dropout_masks(batch["unit"].tolist(), len(cfg.stream_list), cfg.seed, epoch, cfg.dropout, device)
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    logits = net(x, keep)
+                loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                local[0] += float(loss.detach()) * len(y)
+                local[1] += int((logits.argmax(1) == y).sum())
+                local[2] += len(y)
+                stats[3] += got - asked
+                stats[4] += time.perf_counter() - asked
+                step += 1
+                done_steps += 1
+                bar.update(1)
+                bar.set_postfix_str(f"loss {local[0] / local[2]:.3f}, {len(y) * setup.world / (time.perf_counter() - asked):.1f} "
+                                    f"clips/s, data wait {stats[3] / stats[4]:.0%}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                    summed = all_sum(local, device)
+                    stats = [a + b for a, b in zip(stats, summed + [0.0, 0.0])]
+                    local = [0.0, 0.0, 0.0]
+                    save("last.pt", epoch, step, stats)
+        summed = all_sum(local, device)
+        stats = [a + b for a, b in zip(stats, summed + [0.0, 0.0])]
+        if step < steps:  # --max-steps stopped mid-epoch
+            save("last.pt", epoch, step, stats)
+            break
+        record = {"epoch": epoch + 1, "steps": steps, "lr": cfg.lr * 0.1 ** (epoch // cfg.lr_step),
+                  "train_loss": stats[0] / stats[2], "train_clip_acc": stats[1] / stats[2],
+                  "clips_per_s": stats[2] / max(stats[4], 1e-9),
+                  "data_wait": stats[3] / max(stats[4], 1e-9), "chance": 1 / len(plan.classes)}
+        for phase in plan.phases:
+            for s, acc in evaluate(model, cfg, plan, phase, setup.rank, setup.world, device, workers, amp).items():
+                record[f"{phase.lower()}_{s}_clip_acc"] = acc["clip_acc"]
+                record[f"{phase.lower()}_{s}_video_acc"] = acc["video_acc"]
+        chosen = "lr_rgb" if "lr_rgb" in cfg.stream_list else "lr_flow" if "lr_flow" in cfg.stream_list else cfg.stream_list[0]
+        record["test_acc"] = record[f"test_{chosen}_video_acc"]  # what curves.png plots
+        select = f"{plan.phases[0].lower()}_{chosen}_video_acc"
+        history.append(record)
+        epoch, step, stats = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0, 0.0]
+        if setup.master:
+            if best is None or record[select] > best["value"]:
+                best = {"epoch": record["epoch"], "metric": select, "value": record[select]}
+                save_checkpoint(os.path.join(cfg.out, "best.pt"), {"model": model.state_dict(), "epoch": record["epoch"],
+                                                                   "metric": best, **checkpoint_meta(cfg, plan, model)})
+            save("last.pt", epoch, 0, stats)
+            write_metrics(os.path.join(cfg.out, "metrics.jsonl"), history)
+            plot_curves(history, os.path.join(cfg.out, "curves.png"))
+            log(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, train clip acc {record['train_clip_acc']:.1%}, "
+                + ", ".join(f"{p} {chosen} clip {record[f'{p.lower()}_{chosen}_clip_acc']:.1%} video "
+                            f"{record[f'{p.lower()}_{chosen}_video_acc']:.1%}" for p in plan.phases)
+                + f" (chance {record['chance']:.1%}); {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait']:.0%}")
+    if setup.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"record": record, "best": best}
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def worker(payload: dict):
+    """One process started by --nproc (picklable: a top-level function of a plain dict)."""
+    return guarded(run, C3DTrainConfig(**payload))
+
+
+def build_cli():
+    def command(**options):
+        cfg = call(C3DTrainConfig, **options)
+        call(plan_run, cfg)  # every mistake before a process starts
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            raise click.ClickException(f"--out {cfg.out}: is a file, not a folder")
+        launched = int(os.environ.get("WORLD_SIZE", 1)) > 1  # by torchrun: rank 0 holds the run folder
+        holds = not launched or int(os.environ.get("RANK", 0)) == 0
+        with (call(OutputFolder(cfg.out, "elr-train-c3d", keep=("last.pt", "best.pt")).claim) if holds else nullcontext()):
+            if cfg.nproc > 1 and not launched:
+                result = elastic_run(cfg.nproc, 0, worker, asdict(cfg), "training")
+            else:
+                result = guarded(run, cfg)
+        if holds and result and result["best"]:
+            best = result["best"]
+            click.echo(f"best {best['metric']} {best['value']:.1%} at epoch {best['epoch']}: "
+                       f"{os.path.join(cfg.out, 'best.pt')}", err=True)
+
+    return click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+                         help=__doc__)(config_options(command, C3DTrainConfig))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_command_line(build_cli(), argv, prog_name="elr-train-c3d")
+
+
+if __name__ == "__main__":
+    main()
