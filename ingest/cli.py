@@ -207,9 +207,11 @@ def info_cmd(shards, as_json):
 @click.option("--validation", type=click.Choice(["label0", "none"]), default="label0", show_default=True,
               help="Label-0 videos (unused by the official protocol) become the seed's Validation phase, or are left out.")
 @click.option("--c3d-weights", type=click.Path(dir_okay=False),
-              help="Sports-1M C3D state_dict (c3d.pickle of the c3d-pytorch port), loaded without unpickling code.")
+              help="Sports-1M C3D state_dict (c3d.pickle of the c3d-pytorch port), or a C3D fine-tuned by "
+                   "elr-train-c3d (its best.pt); loaded without unpickling code.")
 @click.option("--c3d-flow-weights", type=click.Path(dir_okay=False),
-              help="A C3D fine-tuned on flow images for the flow streams. [default: --c3d-weights]")
+              help="A C3D fine-tuned on flow images for the flow streams (elr-train-c3d --streams "
+                   "hr_flow,lr_flow). [default: --c3d-weights]")
 @click.option("--random-c3d", type=COUNT, metavar="SEED",
               help="Random C3D weights from SEED instead of --c3d-weights: tests and demos only (features.json says so).")
 @click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis", show_default=True,
@@ -220,13 +222,14 @@ def info_cmd(shards, as_json):
               help="Flow (pixels of the 128x171 frame) mapped to the ends of the flow image's 0..255.")
 @click.option("--lr-size", default="12x16", show_default=True, type=FrameSize(),
               help="Extremely low resolution, rows x columns.")
-@click.option("--crop-size", "side", default=112, show_default=True, type=click.IntRange(16, 112),
+@click.option("--crop-size", "side", type=click.IntRange(16, 112),
               help="C3D input side. The published weights need 112; smaller sizes (weights made for them, or "
-                   "--random-c3d) keep tests fast.")
-@click.option("--pool5", type=click.Choice(["caffe", "port"]), default="caffe", show_default=True,
+                   "--random-c3d) keep tests fast. [default: a fine-tuned --c3d-weights' own, else 112]")
+@click.option("--pool5", type=click.Choice(["caffe", "port"]),
               help="C3D's pool5 windows. caffe: ceil-mode windows without padding, as Caffe ran the network "
                    "the Sports-1M weights were trained in; port: c3d-pytorch's one-pixel padding, which pools "
-                   "other rows and columns together (only to match features made with that port).")
+                   "other rows and columns together (only to match features made with that port). "
+                   "[default: a fine-tuned --c3d-weights' own, else caffe]")
 @click.option("--device", default="auto", show_default=True, help="Where C3D runs: auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="C3D compute dtype (auto: bfloat16 on a GPU, float32 on the CPU).")

@@ -52,19 +52,21 @@ def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def one_line(result) -> str:
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
-    return result.stderr.strip()
+def in_process(cmd, capsys) -> str:
+    """elr-train-c3d's one error line for a mistake, run in this process (no torch import to wait for)."""
+    with pytest.raises(SystemExit) as e:
+        c3d_main(cmd[1:])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    return err
 
 
-def test_a_killed_run_resumed_equals_the_uninterrupted_one(demo_clips, whole_run, tmp_path):
+def test_a_killed_run_resumed_equals_the_uninterrupted_one(demo_clips, whole_run, tmp_path, capsys):
     cut = tmp_path / "cut"
     cmd = train(demo_clips, cut, "--epochs", "1", "--checkpoint-every", "2")
     assert kill_after(cmd, str(cut / "last.pt"), env=ENV) is not None, "the run ended before its first checkpoint"
     assert weights(cut / "last.pt")["step"] == 2  # killed mid-epoch 1, after its step-2 checkpoint
-    refused = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    assert one_line(refused) == f"Error: {cut}/last.pt exists; pass --resume to continue that run or choose another --out"
+    assert in_process(cmd, capsys) == f"Error: {cut}/last.pt exists; pass --resume to continue that run or choose another --out"
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(whole_run / "last.pt"), weights(cut / "last.pt")
@@ -77,9 +79,9 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_one(demo_clips, whole_run
     best = weights(whole_run / "best.pt")
     assert (best["crop_size"], best["pool5"], best["padding_mode"]) == (16, "caffe", "replicate")
     assert os.path.exists(whole_run / "curves.png")
-    changed = subprocess.run(cmd + ["--resume", "--lr", "0.01"], capture_output=True, text=True, env=ENV)
-    assert one_line(changed) == (f"Error: --resume: {cut}/last.pt was trained with --lr 0.001; this run has --lr 0.01 "
-                                 "(use the same options, or another --out)")
+    assert in_process(cmd + ["--resume", "--lr", "0.01"], capsys) == (
+        f"Error: --resume: {cut}/last.pt was trained with --lr 0.001; this run has --lr 0.01 (use the same options, "
+        "or another --out)")
 
 
 def test_two_processes_train_as_one(demo_clips, whole_run, tmp_path):
@@ -137,8 +139,32 @@ def test_mistakes_are_one_line(demo_clips, tmp_path, capsys):
         ("--init", str(tmp_path / "c3d.pickle"), "--random-c3d", "-1"):
             f"Error: --init {tmp_path}/c3d.pickle: no such weights file",
     }
-    for args, line in cases.items():  # in this process: each checked before any work or process starts
-        with pytest.raises(SystemExit) as e:
-            c3d_main(train(demo_clips, tmp_path / "run", *args)[1:])
-        assert e.value.code == 1 and capsys.readouterr().err.strip() == line, args
+    for args, line in cases.items():  # each checked before any work or process starts
+        assert in_process(train(demo_clips, tmp_path / "run", *args), capsys) == line, args
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_extract_features_runs_a_fine_tuned_checkpoint_as_it_was_trained(demo_clips, whole_run, tmp_path, dask_client):
+    from ingest.c3d.extract import ExtractConfig, extract_features
+    from ingest.c3d.network import C3D, load_c3d
+    from shards.manifest import file_sha256
+
+    root = os.path.dirname(demo_clips)
+    best = str(whole_run / "best.pt")
+    with pytest.raises(Exception) as e:
+        ExtractConfig(c3d_weights=best, side=32)
+    assert str(e.value) == f"--crop-size 32: {best} was fine-tuned with --crop-size 16"
+    cfg = ExtractConfig(c3d_weights=best, progress=False)  # 16x16 crops, caffe pool5: the checkpoint's
+    assert (cfg.side, cfg.pool5) == (16, "caffe")
+    record = extract_features(f"{root}/videos", f"{root}/splits", str(tmp_path / "HMDB51"), cfg, client=dask_client)
+    assert record["side"] == 16 and record["weights"]["rgb"] == record["weights"]["flow"] == \
+        {"file": best, "sha256": file_sha256(best)}
+    net = load_c3d(best, 16, "caffe")  # its trunk, with the replicated borders it was trained with
+    state = weights(best)["model"]
+    assert isinstance(net, C3D) and net.conv1.padding_mode == "replicate"
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    video = sorted(record["videos"])[0]
+    klass, name = video.split("/")
+    phase = record["videos"][video]["phase"]
+    features = np.load(tmp_path / "HMDB51" / "Split1" / f"{phase}_hr_features" / klass / f"{name}.npy")
+    assert features.shape == (record["videos"][video]["units"], 4096) and np.isfinite(features).all()

@@ -28,7 +28,7 @@ from ingest.videos.flow import METHODS, check_method
 from ingest.videos.frames import FrameOptions
 from ingest.videos.splits import PHASE_OF_LABEL, checked_plan
 
-from .network import CHANNELS, INPUT_SIDE, POOL5, load_c3d, random_c3d
+from .network import CHANNELS, INPUT_SIDE, POOL5, WeightsError, load_c3d, random_c3d, weights_conventions
 from .jobs import balanced_share, finish_jobs, header_frame_counts
 from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
@@ -42,14 +42,14 @@ class ExtractConfig:
     split: int = 1  # HMDB51 split K: reads <class>_test_split<K>.txt, writes Split<K>/
     validation: str = "label0"  # label-0 videos -> Validation ("label0") or left out ("none")
     lr_size: tuple = (12, 16)  # (H, W) of the extremely low resolution copy
-    side: int = INPUT_SIDE  # C3D input side; the published weights need 112 (smaller: tests, random C3D only)
+    side: int | None = None  # C3D input side (None: a fine-tuned --c3d-weights' own, else 112, what the published weights need)
     flow: str = "dis"  # dis | farneback | tvl1 | raft
     flow_bound: float = 20.0  # pixels mapped to the ends of the flow image's 0..255
     raft_weights: str | None = None  # torchvision RAFT state_dict, for flow "raft"
     c3d_weights: str | None = None  # Sports-1M C3D state_dict (c3d-pytorch's c3d.pickle)
     c3d_flow_weights: str | None = None  # C3D for the flow streams (default: c3d_weights)
     random_c3d: int | None = None  # seed of random C3D weights (tests and demos), instead of c3d_weights
-    pool5: str = "caffe"  # C3D's pool5 windows: caffe (as the Sports-1M weights were trained) | port (c3d-pytorch)
+    pool5: str | None = None  # pool5 windows: caffe (as the Sports-1M weights were trained) | port (c3d-pytorch); None: a fine-tuned --c3d-weights' own, else caffe
     device: str = "auto"  # where C3D (and RAFT) run: auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # C3D compute dtype: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16
     batch_size: int = 0  # clips per C3D batch (0: 64 on a GPU, 8 on the CPU); part of the options
@@ -81,6 +81,7 @@ class ExtractConfig:
                              "--c3d-weights and --random-c3d exclude each other")
         if self.c3d_flow_weights and self.random_c3d is not None:
             raise ValueError("--c3d-flow-weights needs --c3d-weights (not --random-c3d)")
+        self.adopt_weights_conventions()
         if self.pool5 not in POOL5:
             raise ValueError(f"--pool5 must be one of {', '.join(POOL5)}, got {self.pool5!r}")
         if not 16 <= self.side <= INPUT_SIDE:
@@ -99,6 +100,22 @@ class ExtractConfig:
                              f"(0..{self.num_jobs - 1})")
         if self.finish and (self.num_jobs < 2 or self.resume or self.overwrite):
             raise ValueError("--finish checks the journals of --num-jobs N > 1 jobs; without --resume or --overwrite")
+
+    def adopt_weights_conventions(self) -> None:
+        """--crop-size and --pool5 from C3Ds fine-tuned by elr-train-c3d (their checkpoints say how they
+        ran), else 112 and caffe; a value given that differs from a checkpoint's is refused, naming it."""
+        given = {"crop_size": self.side, "pool5": self.pool5}
+        for path in dict.fromkeys(p for p in (self.c3d_weights, self.c3d_flow_weights) if p and self.random_c3d is None):
+            found = weights_conventions(path)
+            if found is None:
+                continue
+            for option, value in given.items():
+                if value is not None and value != found[option]:
+                    raise WeightsError(f"--{option.replace('_', '-')} {value}: {path} was fine-tuned with "
+                                       f"--{option.replace('_', '-')} {found[option]}")
+                given[option] = found[option]
+        self.side = given["crop_size"] if given["crop_size"] is not None else INPUT_SIDE
+        self.pool5 = given["pool5"] if given["pool5"] is not None else "caffe"
 
     @property
     def frame_options(self) -> FrameOptions:

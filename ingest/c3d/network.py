@@ -156,25 +156,45 @@ def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None,
     return model
 
 
-def load_state_file(path: str, error: type, what: str):
-    """torch.load without unpickling code (weights_only); a missing or unreadable file is one `error`."""
+def load_state_file(path: str, error: type, what: str, mmap: bool = False):
+    """torch.load without unpickling code (weights_only); a missing or unreadable file is one `error`.
+    mmap: tensors are read when used (a checkpoint's conventions, without its weights)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
     except Exception as e:  # noqa: BLE001 - pickles of whole models, archives of other kinds, garbage
         raise error(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
 
 
+FINE_TUNED = ("crop_size", "pool5", "padding_mode")  # what an elr-train-c3d checkpoint says of how it ran
+
+
+def weights_conventions(path: str) -> dict | None:
+    """{"crop_size", "pool5", "padding_mode"} when `path` is a C3D fine-tuned by elr-train-c3d (its
+    best.pt or last.pt); None for a plain state_dict such as c3d.pickle."""
+    state = load_state_file(path, WeightsError, "weights", mmap=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED):
+        return {k: state[k] for k in FINE_TUNED}
+    return None
+
+
 def load_c3d(path: str, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
-    """C3D with the weights of a state_dict file; one WeightsError naming what differs otherwise."""
+    """C3D with the weights of a state_dict file, or of a checkpoint of elr-train-c3d (run with the
+    padding it was trained with); one WeightsError naming what differs otherwise."""
     state = load_state_file(path, WeightsError, "weights")
+    padding = "zeros"
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED):
+        if (state["crop_size"], state["pool5"]) != (side, pool5):
+            raise WeightsError(f"{path}: fine-tuned on {state['crop_size']}x{state['crop_size']} crops with --pool5 "
+                               f"{state['pool5']}; this run has --crop-size {side} --pool5 {pool5}")
+        state, padding = state["model"], state["padding_mode"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state_dict (found {type(state).__name__}, expected a dict of tensors "
                            "with keys conv1.weight ... fc6.bias)")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
-    model = C3D(side, pool5=pool5)
+    model = C3D(side, padding_mode=padding, pool5=pool5)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state), key=list(expected).index)
     unexpected = sorted(set(state) - set(expected) - OPTIONAL_KEYS)
