@@ -52,6 +52,28 @@ dask_workers_option = click.option(
     help="Local dask worker processes (0: one per core); ignored with --scheduler.")
 scheduler_option = click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://head:8786.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+# what extract-features and build-clips share: which videos, and how their flow is computed
+splits_option = click.option(
+    "--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
+    help="Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits).")
+split_option = click.option("--split", default=1, show_default=True, type=click.IntRange(1, 3),
+                            help="Which of HMDB51's splits.")
+validation_option = click.option(
+    "--validation", type=click.Choice(["label0", "none"]), default="label0", show_default=True,
+    help="Label-0 videos (unused by the official protocol) become the seed's Validation phase, or are left out.")
+
+
+def flow_options(command):
+    for option in reversed((
+            click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis",
+                         show_default=True, help="Optical flow: OpenCV DIS or Farneback; TV-L1 needs "
+                         "opencv-contrib-python-headless; RAFT needs torchvision and --raft-weights."),
+            click.option("--raft-weights", type=click.Path(dir_okay=False),
+                         help="torchvision RAFT state_dict, for --flow raft."),
+            click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                         help="Flow (pixels of the 128x171 frame) mapped to the ends of the flow image's 0..255."))):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -165,11 +187,14 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
     Checks: every shard's presence, size and sha256; every sample decodes, with four
     arrays of equal length, the expected dim and dtype, finite values and a valid label;
     keys unique; per-class counts; tar and Zarr copies identical; with --source, every
-    source video present exactly once and equal to its file.
+    source video present exactly once and equal to its file. A clip set (build-clips): every
+    unit of every video present in order, with its video's label, and every frame of its four
+    streams decoded at the set's sizes.
 
     \b
-    Example:
+    Examples:
       elr-ingest verify data/HMDB51-shards --source data/HMDB51
+      elr-ingest verify data/HMDB51-clips
     """
     report = call(verify_shards, shards, source=source, workers=workers, scheduler=scheduler, progress=not quiet)
     if as_json:
@@ -179,8 +204,12 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
             click.echo(f"PROBLEM {p}")
         c = report["checked"]
         status = "OK" if report["ok"] else f"FAILED ({len(report['problems'])} problems)"
-        click.echo(f"{status}: {c['tar_shards']} tar shards, {c['samples']} samples, {c['zarr_files']} zarr files"
-                   + (f", {c['source_videos']} source videos" if source else ""))
+        if "clips" in c:
+            click.echo(f"{status}: {c['tar_shards']} tar shards, {c['samples']} videos, {c['clips']} clips of 4 streams "
+                       "(every frame decoded)")
+        else:
+            click.echo(f"{status}: {c['tar_shards']} tar shards, {c['samples']} samples, {c['zarr_files']} zarr files"
+                       + (f", {c['source_videos']} source videos" if source else ""))
     sys.exit(0 if report["ok"] else 1)
 
 
@@ -200,12 +229,10 @@ def info_cmd(shards, as_json):
 
 @cli.command("extract-features")
 @click.argument("videos", type=click.Path(exists=True, file_okay=False))
-@click.option("--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits).")
+@splits_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Root of the feature tree, e.g. data/HMDB51.")
-@click.option("--split", default=1, show_default=True, type=click.IntRange(1, 3), help="Which of HMDB51's splits.")
-@click.option("--validation", type=click.Choice(["label0", "none"]), default="label0", show_default=True,
-              help="Label-0 videos (unused by the official protocol) become the seed's Validation phase, or are left out.")
+@split_option
+@validation_option
 @click.option("--c3d-weights", type=click.Path(dir_okay=False),
               help="Sports-1M C3D state_dict (c3d.pickle of the c3d-pytorch port), or a C3D fine-tuned by "
                    "elr-train-c3d (its best.pt); loaded without unpickling code.")
@@ -214,12 +241,7 @@ def info_cmd(shards, as_json):
                    "hr_flow,lr_flow). [default: --c3d-weights]")
 @click.option("--random-c3d", type=COUNT, metavar="SEED",
               help="Random C3D weights from SEED instead of --c3d-weights: tests and demos only (features.json says so).")
-@click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis", show_default=True,
-              help="Optical flow: OpenCV DIS or Farneback; TV-L1 needs opencv-contrib-python-headless; "
-                   "RAFT needs torchvision and --raft-weights.")
-@click.option("--raft-weights", type=click.Path(dir_okay=False), help="torchvision RAFT state_dict, for --flow raft.")
-@click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Flow (pixels of the 128x171 frame) mapped to the ends of the flow image's 0..255.")
+@flow_options
 @click.option("--lr-size", default="12x16", show_default=True, type=FrameSize(),
               help="Extremely low resolution, rows x columns.")
 @click.option("--crop-size", "side", type=click.IntRange(16, 112),
@@ -314,17 +336,11 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
 
 @cli.command("build-clips")
 @click.argument("videos", type=click.Path(exists=True, file_okay=False))
-@click.option("--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits).")
+@splits_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The clip set's folder, e.g. data/HMDB51-clips.")
-@click.option("--split", default=1, show_default=True, type=click.IntRange(1, 3), help="Which of HMDB51's splits.")
-@click.option("--validation", type=click.Choice(["label0", "none"]), default="label0", show_default=True,
-              help="Label-0 videos become the Validation phase, or are left out.")
-@click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis", show_default=True,
-              help="Optical flow, as in extract-features.")
-@click.option("--raft-weights", type=click.Path(dir_okay=False), help="torchvision RAFT state_dict, for --flow raft.")
-@click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Flow (pixels of the 128x171 frame) mapped to the ends of the flow image's 0..255.")
+@split_option
+@validation_option
+@flow_options
 @click.option("--lr-size", default="12x16", show_default=True, type=FrameSize(),
               help="Extremely low resolution, rows x columns (stored as it is; upsampled on the device).")
 @click.option("--crop-size", "side", default=112, show_default=True, type=click.IntRange(16, 112),

@@ -141,7 +141,7 @@ def verify_clip_tar(root: str, shard: dict, expected: dict, clips: dict, n_class
         problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
     elif file_sha256(path) != shard["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
-    return {"seen": sorted(labels.items()), "problems": problems, "n": shard["samples"]}
+    return {"seen": sorted(labels.items()), "problems": problems, "n": shard["samples"], "units": sum(units.values())}
 
 
 class ClipSet:

@@ -198,6 +198,8 @@ def verify_shards(shards_dir, source=None, workers=0, scheduler=None, progress=T
     checked = {"tar_shards": sum(1 for c in calls if c[0] in (_verify_tar, verify_clip_tar)), "samples": sum(seen.values()),
                "zarr_files": sum(len(e["zarr"]["files"]) for *_, e in iter_phases(manifest) if "zarr" in e),
                "source_videos": n_source}
+    if clips:
+        checked["clips"] = sum(r.get("units", 0) for r in results)  # units, each decoded in its four streams
     return {"ok": not problems, "problems": problems, "checked": checked}
 
 

@@ -86,6 +86,7 @@ def test_every_unit_is_stored_as_the_video_gives_it(sample_tree, raw_clips, tmp_
             assert 0 < error < 6, (s, error)  # 37x49 frames: chroma subsampling shows
     report = verify_shards(jpeg, client=dask_client, progress=False)
     assert report["ok"] and report["checked"]["tar_shards"] == 6 and report["checked"]["samples"] == 9, report
+    assert report["checked"]["clips"] == 15
 
 
 def test_verify_finds_a_damaged_frame_and_each_reader_refuses_the_other_kind(raw_clips, tmp_path, dask_client,

@@ -13,7 +13,7 @@ then:
 One network for the streams given: HR and LR clips of a unit pass through the same weights (the
 seed's coupling idea) or one stream alone; flow streams get a network of their own. Defaults follow
 C3D fine-tuning as commonly run (C3D-v1.0's UCF101 example and its ports): SGD with momentum 0.9,
-lr 0.001 divided by 10 every 4 epochs, weight decay 0.005, dropout 0.5 before fc7 and fc8, gradient
+lr 0.001 (10x for the new layers) divided by 10 every 4 epochs, weight decay 0.005, dropout 0.5 before fc7 and fc8, gradient
 norm clipped to 40 (mmaction2's C3D recipe), 30 units a step, random 112x112 crops and horizontal flips; fc8 is new (N(0, 0.01)). Each epoch reports clip
 accuracy and video accuracy (softmax averaged over a video's units) on Validation and Test, center
 crops; best.pt is the epoch with the best video accuracy on Validation (Test where the set has no
@@ -67,10 +67,14 @@ class C3DTrainConfig:
     batch_size: int = option(30, "global units a step (each gives one clip per stream)")
     lr: float = option(0.001, "SGD learning rate at the start")
     lr_step: int = option(4, "divide the learning rate by 10 every N epochs")
+    new_lr_mult: float = option(10.0, "learning rate multiplier of the new layers (fc8, and fc7 where the weights "
+                                "lack it), as Caffe's fine-tuning examples (lr_mult)")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(0.005, "SGD weight decay")
     dropout: float = option(0.5, "dropout before fc7 and fc8, as C3D")
     clip_grad: float = option(40.0, "clip the gradient's norm to this (0: off), as mmaction2's C3D recipe")
+    flip: bool = option(True, "random horizontal flips (--no-flip for classes a mirror turns into each other: "
+                        "swipe left and swipe right)")
     amp: str = option("auto", "mixed precision: bf16 | fp16 | off | auto (bf16 on a GPU, off on the CPU)")
     device: str = option("auto", f"{' | '.join(DEVICES)} (or cuda:N); auto takes a GPU when there is one")
     loader_workers: int = option(-1, "DataLoader worker processes per rank (decode, crop, flip); -1: 4 on CUDA, "
@@ -92,8 +96,8 @@ class C3DTrainConfig:
             need(getattr(self, name) >= 1, f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "max_steps", "crop_size"):
             need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
-        need(self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.dropout < 1
-             and self.clip_grad >= 0, "--lr > 0, --momentum in [0, 1), --weight-decay >= 0, --dropout in [0, 1) and "
+        need(self.lr > 0 and self.new_lr_mult > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.dropout < 1
+             and self.clip_grad >= 0, "--lr > 0, --new-lr-mult > 0, --momentum in [0, 1), --weight-decay >= 0, --dropout in [0, 1) and "
              "--clip-grad >= 0 are required")
         unknown = [s for s in self.stream_list if s not in STREAMS]
         need(self.stream_list and not unknown, f"--streams: {','.join(unknown) or 'none'}: choose from {', '.join(STREAMS)}")
@@ -115,8 +119,8 @@ class C3DTrainConfig:
 
 
 # Options that shape the weights: a resumed run must have the same ones as the run it continues.
-TRAJECTORY = ("split", "streams", "init", "random_c3d", "crop_size", "pool5", "batch_size", "lr", "lr_step",
-              "momentum", "weight_decay", "dropout", "clip_grad", "amp", "seed")
+TRAJECTORY = ("split", "streams", "init", "random_c3d", "crop_size", "pool5", "batch_size", "lr", "lr_step", "new_lr_mult",
+              "momentum", "weight_decay", "dropout", "clip_grad", "flip", "amp", "seed")
 
 
 def log(msg: str) -> None:
@@ -259,7 +263,10 @@ def run(cfg: C3DTrainConfig) -> dict:
                            cfg.dropout).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    new = [p for name, p in model.named_parameters() if name.split(".")[0] in model.new_layers]
+    loaded = [p for name, p in model.named_parameters() if name.split(".")[0] not in model.new_layers]
+    optimizer = torch.optim.SGD([{"params": loaded, "mult": 1.0}, {"params": new, "mult": cfg.new_lr_mult}],
+                                lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
     state = agree(setup, lambda: resume_state(cfg, plan))  # rank 0 decides; every rank gets the checkpoint
     # stats: loss x clips, correct clips, clips (over all ranks, summed at checkpoints), data wait and
@@ -277,6 +284,7 @@ def run(cfg: C3DTrainConfig) -> dict:
                                              "train_units": plan.train_units, "resumed_at": [epoch, step]}))
     mean = torch.tensor(C3D_MEAN_BGR)
     done_steps = sum(h["steps"] for h in history) + step
+    timings = []  # (seconds waiting for the batch, seconds of the whole step, clips) of this invocation's steps
     record = history[-1] if history else {}
 
     def save(path_name: str, epoch_: int, step_: int, stats_: list):
@@ -288,9 +296,9 @@ def run(cfg: C3DTrainConfig) -> dict:
 
     while epoch < cfg.epochs and not (cfg.max_steps and done_steps >= cfg.max_steps):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * 0.1 ** (epoch // cfg.lr_step)
+            group["lr"] = cfg.lr * group["mult"] * 0.1 ** (epoch // cfg.lr_step)
         data = ClipBatches(cfg.clips, cfg.split, "Train", cfg.stream_list, plan.set_crop, cfg.batch_size, cfg.seed,
-                           epoch, True, setup.rank, setup.world)
+                           epoch, True, setup.rank, setup.world, cfg.flip)
         steps = data.steps()
         local = [0.0, 0.0, 0.0]  # loss x clips, correct clips, clips: this rank's since the last sum
         batches = iter(clip_loader(data, step, workers, device.type == "cuda"))
@@ -321,6 +329,7 @@ def run(cfg: C3DTrainConfig) -> dict:
                 local[2] += len(y)
                 stats[3] += got - asked
                 stats[4] += time.perf_counter() - asked
+                timings.append((got - asked, time.perf_counter() - asked, len(y)))
                 step += 1
                 done_steps += 1
                 bar.update(1)
@@ -364,7 +373,7 @@ def run(cfg: C3DTrainConfig) -> dict:
     if setup.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"record": record, "best": best}
+    return {"record": record, "best": best, "timings": timings}
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -25,14 +25,15 @@ def epoch_order(units: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(units)
 
 
-def unit_view(seed: int, epoch: int, unit: int, frame: tuple, window: int, train: bool) -> tuple:
-    """(top, left, flip) of a unit's window: random for training (from seed, epoch and unit alone),
-    the center without flip for evaluation."""
+def unit_view(seed: int, epoch: int, unit: int, frame: tuple, window: int, train: bool, flips: bool = True) -> tuple:
+    """(top, left, flip) of a unit's window: random for training (from seed, epoch and unit alone;
+    flips=False: never flipped), the center without flip for evaluation."""
     h, w = frame
     if not train:
         return (h - window) // 2, (w - window) // 2, False
     rng = np.random.default_rng([seed, epoch, unit, 7])
-    return int(rng.integers(0, h - window + 1)), int(rng.integers(0, w - window + 1)), bool(rng.random() < 0.5)
+    top, left, flip = int(rng.integers(0, h - window + 1)), int(rng.integers(0, w - window + 1)), rng.random() < 0.5
+    return top, left, bool(flip and flips)
 
 
 def mirror_flow_x(frames: np.ndarray) -> np.ndarray:
@@ -48,11 +49,11 @@ class ClipBatches(torch.utils.data.Dataset):
     For evaluation (train=False) item s is the s-th slice of the phase's units, strided over ranks."""
 
     def __init__(self, root: str, split: str, phase: str, streams, window: int, batch: int, seed: int = 0,
-                 epoch: int = 0, train: bool = True, rank: int = 0, world: int = 1):
+                 epoch: int = 0, train: bool = True, rank: int = 0, world: int = 1, flips: bool = True):
         self.clips = ClipSet(root)
         self.split, self.phase, self.streams = split, phase, tuple(streams)
         self.window, self.batch, self.seed, self.epoch, self.train = window, batch, seed, epoch, train
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.flips = rank, world, flips
         self.units = self.clips.units(split, phase)
         self.frame = tuple(self.clips.clips["size"])
         self.labels = np.array([row["label"] for row in self.clips.videos(split, phase)], np.int64)
@@ -76,7 +77,8 @@ class ClipBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict:
         picked = self.indices(step)
         out = {"unit": torch.from_numpy(picked.astype(np.int64))}
-        views = [unit_view(self.seed, self.epoch, int(u), self.frame, self.window, self.train) for u in picked]
+        views = [unit_view(self.seed, self.epoch, int(u), self.frame, self.window, self.train, self.flips)
+                 for u in picked]
         videos = np.array([self.units[u][2] for u in picked], np.int64)
         out.update(video=torch.from_numpy(videos), label=torch.from_numpy(self.labels[videos]),
                    top=torch.tensor([v[0] for v in views]), left=torch.tensor([v[1] for v in views]),

@@ -123,7 +123,7 @@ class C3DClassifier(C3D):
         return self.fc8(x * keep[:, 1] if keep is not None else self.dropout(x))
 
 
-RANDOM_FC6_SCALE = 128.0
+RANDOM_SCALE = 128.0  # pixel units to unit scale, for random_c3d's fine-tuning
 
 
 def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None, random_seed: int | None = None,
@@ -138,11 +138,17 @@ def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None,
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     else:
         trunk, padding, state = random_c3d(random_seed, side, pool5), "replicate", {}
-        with torch.no_grad():  # its fc6 answers in pixel units (~100s): at unit scale SGD can train it
-            trunk.fc6.weight.div_(RANDOM_FC6_SCALE)  # (its features: random_c3d's / 128 exactly, ReLU being
-            trunk.fc6.bias.div_(RANDOM_FC6_SCALE)  # positively homogeneous)
+        # random_c3d answers in pixel units (~100s), where SGD's steps are far too long for fc6 (its
+        # gradient is 84x its weights on demo clips) or, scaled there instead, for conv1. Dividing both
+        # by sqrt(128) balances them (gradients 1.3x and 0.65x the weights) and the features are
+        # random_c3d's / 128 exactly (its biases are 0, ReLU and max-pooling positively homogeneous)
+        with torch.no_grad():
+            for layer in (trunk.conv1, trunk.fc6):
+                layer.weight.div_(RANDOM_SCALE ** 0.5)
+                layer.bias.div_(RANDOM_SCALE ** 0.5)
     model = C3DClassifier(classes, side, padding, pool5, dropout)
     model.load_state_dict(trunk.state_dict(), strict=False)
+    model.new_layers = []  # drawn here, not loaded: the trainer gives them a larger learning rate
     with torch.no_grad():
         for name in ("fc7", "fc8"):
             layer = getattr(model, name)
@@ -153,6 +159,7 @@ def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None,
             else:
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
                 layer.bias.zero_()
+                model.new_layers.append(name)
     return model
 
 
@@ -172,8 +179,12 @@ FINE_TUNED = ("crop_size", "pool5", "padding_mode")  # what an elr-train-c3d che
 
 def weights_conventions(path: str) -> dict | None:
     """{"crop_size", "pool5", "padding_mode"} when `path` is a C3D fine-tuned by elr-train-c3d (its
-    best.pt or last.pt); None for a plain state_dict such as c3d.pickle."""
-    state = load_state_file(path, WeightsError, "weights", mmap=True)
+    best.pt or last.pt); None for a plain state_dict such as c3d.pickle, and for a file that cannot be
+    read (load_c3d says what is wrong with it, when the run loads its weights)."""
+    try:
+        state = load_state_file(path, WeightsError, "weights", mmap=True)
+    except WeightsError:
+        return None
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED):
         return {k: state[k] for k in FINE_TUNED}
     return None
