@@ -42,7 +42,8 @@ step "8/8 fine-tune C3D on clips of those videos (the seed's step 2), then extra
 # the real thing: elr-train-c3d --clips data/HMDB51-clips --streams hr_rgb,lr_rgb --init c3d.pickle
 elr-ingest build-clips "$V/videos" --splits "$V/splits" --out "$V/clips" --crop-size 16 --flow-bound 4 -q
 elr-ingest verify "$V/clips"
-elr-train-c3d --clips "$V/clips" --random-c3d 0 --out "$V/c3d-rgb" --epochs 2 --batch-size 8 -q
+# --no-flip: a mirror turns the demo's "slide right" into its "slide left"
+elr-train-c3d --clips "$V/clips" --random-c3d 0 --out "$V/c3d-rgb" --epochs 2 --batch-size 8 --no-flip -q
 elr-ingest extract-features "$V/videos" --splits "$V/splits" --out "$V/HMDB51-tuned" \
   --c3d-weights "$V/c3d-rgb/best.pt" --flow-bound 4
 echo "C3D fine-tuning curves: $V/c3d-rgb/curves.png   metrics: $V/c3d-rgb/metrics.jsonl"
