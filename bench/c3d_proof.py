@@ -2,8 +2,8 @@
 
     python -m bench.c3d_proof [--epochs 8] [--seeds 0 1 2] [--work bench/_work/c3d-proof]
 
-1. make-demo-videos: 4 motions (slide right, slide left, rise, fall), 8 Train, 2 Validation and 6
-   Test videos a class, 48x64, 32-48 frames (2 or 3 units)
+1. make-demo-videos: 4 motions (slide right, slide left, rise, fall; --classes 8 adds grow, shrink
+   and two drifts), 8 Train, 2 Validation and 6 Test videos a class, 48x64, 32-48 frames (2 or 3 units)
 2. build-clips at 16x16 crops (random initial weights stand in for the Sports-1M C3D, as in the demo)
 3. elr-train-c3d twice from --random-c3d 0: the RGB network (hr_rgb,lr_rgb) and the flow network
    (hr_flow,lr_flow), --no-flip (a mirror turns slide right into slide left), 4 units a step,
@@ -42,11 +42,13 @@ def main():
     ap.add_argument("--work", default=os.path.join(WORK, "c3d-proof"))
     ap.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
     ap.add_argument("--gru-epochs", type=int, default=8)
+    ap.add_argument("--classes", type=int, default=4, help="motions of make-demo-videos (8: with grow, shrink and "
+                    "two drifts; mirror pairs among them either way)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRU seeds")
     args = ap.parse_args()
     w = args.work
     shutil.rmtree(w, ignore_errors=True)
-    run("elr-ingest", "make-demo-videos", w, "--classes", 4, "--train", 8, "--validation", 2, "--test", 6,
+    run("elr-ingest", "make-demo-videos", w, "--classes", args.classes, "--train", 8, "--validation", 2, "--test", 6,
         "--size", "48x64", "--min-frames", 32, "--max-frames", 48)
     run("elr-ingest", "build-clips", f"{w}/videos", "--splits", f"{w}/splits", "--out", f"{w}/clips", "--crop-size", 16,
         "--flow-bound", 4, "-q")
@@ -68,7 +70,7 @@ def main():
                 "--test-every", 1, "--hidden", 64, "--batch-size", 16, "--seed", seed, "-q")
             gru.setdefault(tree, []).append(max(r["test_acc"] for r in metrics(out)[-3:]))
 
-    print("\nfine-tuning C3D from random weights (16x16 crops; chance 25%): LR Test accuracy per epoch")
+    print(f"\nfine-tuning C3D from random weights (16x16 crops; chance {1 / args.classes:.1%}): LR Test accuracy per epoch")
     for name, records in tuned.items():
         stream = f"lr_{name}"
         print(f"  {name:4s} clip " + " ".join(f"{r[f'test_{stream}_clip_acc']:.0%}" for r in records)

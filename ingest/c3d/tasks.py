@@ -23,7 +23,7 @@ def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cor
         _lower_priority()
     raft = None
     if frame_options.flow == "raft":
-        raft = _cached_raft(raft_weights, device)
+        raft = cached_raft(raft_weights, device)
     try:
         prepared = prepare_video(job.path, job.class_name, job.video, frame_options, raft)
     except BadVideoError as e:
@@ -51,7 +51,7 @@ def _lower_priority():
             pass
 
 
-def _cached_raft(path, device):
+def cached_raft(path, device):
     if (path, device) not in _RAFT:
         from ingest.videos.flow import load_raft
 

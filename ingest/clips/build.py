@@ -61,6 +61,8 @@ class ClipsConfig:
 
     def __post_init__(self):
         self.lr_size = tuple(self.lr_size)
+        if not self.out:
+            raise ValueError("--out: give the clip set's folder")
         if self.split not in (1, 2, 3):
             raise ValueError(f"--split must be 1, 2 or 3 (HMDB51's three splits), got {self.split}")
         if len(self.lr_size) != 2 or min(self.lr_size) < 1:
@@ -202,9 +204,9 @@ def clip_shard_task(staging: str, shard: dict, jobs: list, cfg: ClipsConfig) -> 
     cv2.setNumThreads(1)  # one shard per worker process
     raft = None
     if cfg.flow == "raft":
-        from ingest.c3d.tasks import _cached_raft
+        from ingest.c3d.tasks import cached_raft
 
-        raft = _cached_raft(cfg.raft_weights, "cpu")
+        raft = cached_raft(cfg.raft_weights, "cpu")
     name = os.path.basename(shard["name"])
     samples, skipped, nbytes, units_total = [], [], 0, 0
     with TarShardWriter(os.path.join(staging, shard["name"])) as writer:
