@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
     from elr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from elr.data.clips import ClipBatches, c3d_input, clip_loader
+    from elr.data.clips import ClipBatches, c3d_input, clip_loader, prefetched
     from elr.metrics import plot_curves, write_metrics
     from elr.model import AMP, DEVICES, check_device
     from ingest.c3d.network import C3D_MEAN_BGR, FEATURE_DIM, POOL5, c3d_classifier
@@ -301,7 +301,8 @@ def run(cfg: C3DTrainConfig) -> dict:
                            epoch, True, setup.rank, setup.world, cfg.flip)
         steps = data.steps()
         local = [0.0, 0.0, 0.0]  # loss x clips, correct clips, clips: this rank's since the last sum
-        batches = iter(clip_loader(data, step, workers, device.type == "cuda"))
+        batches = iter(prefetched(clip_loader(data, step, workers, device.type == "cuda"), device,
+                                  ("label", *cfg.stream_list)))
         with Progress(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                       leave=False, disable=cfg.quiet or not setup.master) as bar:
             while step < steps and not (cfg.max_steps and done_steps >= cfg.max_steps):

@@ -106,6 +106,32 @@ def clip_loader(dataset: ClipBatches, start: int, workers: int, pin: bool):
                                        persistent_workers=False)
 
 
+def prefetched(batches, device: torch.device, keys: tuple):
+    """Yield each batch with its `keys` on `device`. On CUDA the next batch's copy (from the pinned
+    memory the DataLoader fills) runs on a side stream while the current step computes, as the
+    feature loader's DevicePrefetcher does; elsewhere batches pass through."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+
+    def load(batch):
+        with torch.cuda.stream(stream):
+            return {k: v.to(device, non_blocking=True) if k in keys else v for k, v in batch.items()}
+
+    it = iter(batches)
+    pending = next(it, None)
+    pending = load(pending) if pending is not None else None
+    while pending is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)  # the copy is done before the step reads it
+        for k in keys:
+            pending[k].record_stream(current)  # its memory is not reused while the step still reads it
+        batch, nxt = pending, next(it, None)
+        pending = load(nxt) if nxt is not None else None  # overlaps the step that reads `batch`
+        yield batch
+
+
 def c3d_input(batch: dict, stream: str, frame: tuple, window: int, crop: int, mean: torch.Tensor,
               device: torch.device) -> torch.Tensor:
     """One stream of a batch as C3D's input on `device`: float (b, 3, 16, crop, crop), B, G, R less `mean`."""
@@ -124,4 +150,5 @@ def c3d_input(batch: dict, stream: str, frame: tuple, window: int, crop: int, me
     return x.flip(1) - mean.to(device).view(1, 3, 1, 1, 1)
 
 
-__all__ = ["STREAMS", "ClipBatches", "c3d_input", "clip_loader", "epoch_order", "mirror_flow_x", "unit_view"]
+__all__ = ["STREAMS", "ClipBatches", "c3d_input", "clip_loader", "epoch_order", "mirror_flow_x", "prefetched",
+           "unit_view"]
