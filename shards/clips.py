@@ -22,11 +22,12 @@ from collections import Counter
 
 import numpy as np
 
+from . import schema
 from .errors import ELRError, ShardCorruptError
-from .manifest import file_sha256
+from .manifest import file_problem, row_problems
 from .tario import group_samples, iter_mapped_members
 
-STREAMS = ("hr_rgb", "lr_rgb", "hr_flow", "lr_flow")
+STREAMS = tuple(schema.STREAMS)  # the feature streams' names: a unit's clips are what C3D turns into them
 STORAGE = {"jpeg": "jpgs", "png": "pngs", "raw": "raw"}  # storage -> member extension
 
 
@@ -120,8 +121,7 @@ def verify_clip_tar(root: str, shard: dict, expected: dict, clips: dict, n_class
                                 f"{entry['class']}/{entry['video']} belongs")
             units[video_key] += 1
             labels[video_key] = meta.get("label")
-            problems += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
-                         for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
+            problems += row_problems(where, meta, entry)
             for stream, shape in shapes.items():
                 member = member_name(clips["storage"], stream)
                 try:
@@ -136,11 +136,8 @@ def verify_clip_tar(root: str, shard: dict, expected: dict, clips: dict, n_class
         if units[video_key] != entry["units"]:
             problems.append(f"{name}: {entry['class']}/{entry['video']} has {units[video_key]} units, "
                             f"manifest says {entry['units']}")
-    size = os.path.getsize(path)
-    if size != shard["bytes"]:
-        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
-    elif file_sha256(path) != shard["sha256"]:
-        problems.append(f"{name}: sha256 differs from the manifest")
+    if problem := file_problem(path, name, shard):
+        problems.append(problem)
     return {"seen": sorted(labels.items()), "problems": problems, "n": shard["samples"], "units": sum(units.values())}
 
 
@@ -195,9 +192,8 @@ class ClipSet:
         if raw is None or raw["__key__"] != unit_key(row["key"], u):
             raise ShardCorruptError(f"{rel}: sample {index} is not unit {u} of {row['class']}/{row['video']} "
                                     "(a shard changed since its manifest was written? elr-ingest verify finds it)")
-        out = {"meta": json.loads(bytes(raw["json"]))}
+        out, storage = {"meta": json.loads(bytes(raw["json"]))}, self.clips["storage"]
         for stream in streams:
-            storage = self.clips["storage"]
             try:
                 out[stream] = decode_frames(raw[member_name(storage, stream)], stream_storage(storage, stream),
                                             self.shapes[stream])

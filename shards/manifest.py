@@ -35,6 +35,25 @@ def file_sha256(path: str, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def file_problem(path: str, name: str, listed: dict) -> str | None:
+    """What is wrong with a set's file against its manifest entry ({"bytes", "sha256"}): missing,
+    another size, other bytes (one line naming `name`); None when it is the file the manifest lists."""
+    if not os.path.exists(path):
+        return f"{name}: missing"
+    size = os.path.getsize(path)
+    if size != listed["bytes"]:
+        return f"{name}: {size} bytes, manifest says {listed['bytes']}"
+    if file_sha256(path) != listed["sha256"]:
+        return f"{name}: sha256 differs from the manifest"
+    return None
+
+
+def row_problems(where: str, meta: dict, row: dict) -> list:
+    """The fields a sample's .json shares with its sample-table row, where they differ."""
+    return [f"{where}: {f} is {meta.get(f)!r}, manifest says {row[f]!r}"
+            for f in ("label", "units", "class", "video") if meta.get(f) != row[f]]
+
+
 def manifest_digest(manifest: dict) -> str:
     """The identity of a shard set's content: checkpoints and evaluation parts record it.
 

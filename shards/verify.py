@@ -8,7 +8,7 @@ import numpy as np
 from .atomic import is_temp
 from .clips import verify_clip_tar
 from .errors import BadVideoError, ELRError
-from .manifest import encode_table, file_sha256, iter_phases, unlisted_files
+from .manifest import encode_table, file_problem, iter_phases, row_problems, unlisted_files
 from .shardset import ShardSet
 from .parallel import dask_client, run_tasks
 from .schema import STREAMS
@@ -67,8 +67,7 @@ def _verify_tar(shards_dir, split, phase, shard, expected, dim, dtype, n_classes
             if entry is None:
                 found.append(f"{where}: not in the manifest")
             else:
-                found += [f"{where}: {f} is {meta.get(f)!r}, manifest says {entry[f]!r}"
-                          for f in ("label", "units", "class", "video") if meta.get(f) != entry[f]]
+                found += row_problems(where, meta, entry)
             if not found and sample_digest(sample) != entry["digest"]:
                 found.append(f"{where}: content digest differs from the manifest")
             elif not found and source:
@@ -76,25 +75,14 @@ def _verify_tar(shards_dir, split, phase, shard, expected, dim, dtype, n_classes
             problems += found
     except ELRError as e:
         problems.append(str(e))
-    size = os.path.getsize(path)
-    if size != shard["bytes"]:
-        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
-    elif file_sha256(path) != shard["sha256"]:
-        problems.append(f"{name}: sha256 differs from the manifest")
+    if problem := file_problem(path, name, shard):
+        problems.append(problem)
     return {"seen": seen, "problems": problems, "n": shard["samples"]}
 
 
 def _verify_zarr_files(shards_dir, files):
-    problems = []
-    for f in files:
-        full = os.path.join(shards_dir, f["path"])
-        if not os.path.exists(full):
-            problems.append(f"{f['path']}: missing")
-        elif os.path.getsize(full) != f["bytes"]:
-            problems.append(f"{f['path']}: {os.path.getsize(full)} bytes, manifest says {f['bytes']}")
-        elif file_sha256(full) != f["sha256"]:
-            problems.append(f"{f['path']}: sha256 differs from the manifest")
-    return {"seen": [], "problems": problems, "n": 0}
+    problems = [file_problem(os.path.join(shards_dir, f["path"]), f["path"], f) for f in files]
+    return {"seen": [], "problems": [p for p in problems if p], "n": 0}
 
 
 def _verify_zarr_range(shards_dir, store_rel, first, last, entries, dim, dtype):
