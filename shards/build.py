@@ -84,32 +84,41 @@ def build_shards(data_root: str, cfg: BuildConfig, client=None) -> dict:
     """
     root = os.path.abspath(data_root)  # abspath keeps a symlinked data root as the user named it
     out = os.path.abspath(cfg.out) if cfg.out else default_out(root)
-    with hold_output(out, "build-shards"):  # one writer for <out> and <out>.building, to the rename
-        return _build(root, out, cfg, client)
+
+    def write(workers, staging, tree):
+        units, dim, skipped = _scan(workers, tree, cfg)
+        plan = _plan(tree, units, dim, skipped, cfg)
+        return _write_all(workers.client, tree, plan, BuildJournal(staging, plan), dim, skipped, cfg, root, out)
+
+    return staged_build(out, "build-shards", cfg, client, lambda: discover(root, cfg.splits), write)
 
 
-def _build(root: str, out: str, cfg: BuildConfig, client) -> dict:
-    staging = out + ".building"
-    if prepare_output(out, staging, cfg):
-        return load_manifest(out)
-    if os.path.exists(os.path.join(staging, MANIFEST_NAME)):  # killed after the manifest, before the rename
+def staged_build(out: str, command: str, cfg, client, prepare, write) -> dict:
+    """How a shard set is built (build-shards, build-clips); returns its manifest. One writer holds
+    <out> and <out>.building to the rename (shards.lock); an existing set is not clobbered
+    (prepare_output); a build killed after its manifest is only published. Otherwise `prepare()`
+    checks the input before any worker starts, and `write(workers, staging, prepared)` writes the
+    shards into <out>.building and returns the manifest, which is stored (sample tables, then
+    manifest.json) before the folder is renamed to <out>. Bad input (a BadVideoError) removes a
+    staging folder this run created: nothing of it may look usable; an interrupted earlier build is kept.
+    cfg: workers, scheduler, resume, overwrite."""
+    with hold_output(out, command):
+        staging = out + ".building"
+        if prepare_output(out, staging, cfg):
+            return load_manifest(out)
+        if os.path.exists(os.path.join(staging, MANIFEST_NAME)):  # killed after the manifest, before the rename
+            return publish(staging, out)
+        prepared = prepare()
+        created_staging = not os.path.isdir(staging)
+        try:
+            with start_workers(cfg.workers, cfg.scheduler, client) as workers:  # a local cluster starts meanwhile
+                manifest = write(workers, staging, prepared)
+        except BadVideoError:
+            if created_staging:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        store_manifest(staging, manifest)
         return publish(staging, out)
-
-    tree = discover(root, cfg.splits)
-    created_staging = not os.path.isdir(staging)
-    try:
-        with start_workers(cfg.workers, cfg.scheduler, client) as workers:  # a local cluster starts meanwhile
-            units, dim, skipped = _scan(workers, tree, cfg)
-            plan = _plan(tree, units, dim, skipped, cfg)
-            journal = BuildJournal(staging, plan)
-            manifest = _write_all(workers.client, tree, plan, journal, dim, skipped, cfg, root, out)
-    except BadVideoError:
-        # bad input: nothing of this build may look usable; an interrupted earlier build is kept
-        if created_staging:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    store_manifest(staging, manifest)  # the sample tables, then manifest.json
-    return publish(staging, out)
 
 
 def prepare_output(out: str, staging: str, cfg: BuildConfig) -> bool:

@@ -12,17 +12,14 @@ out) and is renamed to `<out>` once manifest.json is written, as build-shards do
 import math
 import os
 import random
-import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 
 from shards import __version__
-from shards.build import BuildJournal, Job, balanced_cut, prepare_output, publish
+from shards.build import BuildJournal, Job, balanced_cut, staged_build
 from shards.clips import STORAGE, STREAMS, encode_frames, member_name, stream_storage, unit_key
 from shards.errors import BadVideoError, SourceLayoutError
-from shards.lock import hold_output
-from shards.manifest import FORMAT_NAME, FORMAT_VERSION, load_manifest, store_manifest
-from shards.parallel import run_tasks, start_workers
+from shards.manifest import FORMAT_NAME, FORMAT_VERSION
+from shards.parallel import run_tasks
 from shards.source import video_key
 from shards.tarwrite import TarShardWriter
 from shards.tasks import skip_record
@@ -92,33 +89,19 @@ class ClipsConfig:
         return {**options, "lr_size": list(self.lr_size), "formats": ["webdataset"]}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def build_clips(videos: str, splits: str, cfg: ClipsConfig, client=None) -> dict:
     """Write the clip set to cfg.out; returns its manifest (sample tables included)."""
-    out = os.path.abspath(cfg.out)
-    with hold_output(out, "build-clips"):  # one writer for <out> and <out>.building, to the rename
-        staging = out + ".building"
-        if prepare_output(out, staging, cfg):
-            return load_manifest(out)
-        if os.path.exists(os.path.join(staging, "manifest.json")):  # killed after the manifest, before the rename
-            return publish(staging, out)
+
+    def prepare():
         plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error, record="manifest.json")
         check_method(cfg.flow, cfg.raft_weights)
-        created = not os.path.isdir(staging)
-        try:
-            with start_workers(cfg.workers, cfg.scheduler, client) as workers:
-                layout = shard_plan(plan, cfg)
-                journal = BuildJournal(staging, layout)
-                manifest = write_shards(workers.client, journal, layout, plan, videos, splits, cfg)
-        except BadVideoError:
-            if created:  # nothing of this build may look usable; an interrupted earlier one is kept
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        store_manifest(staging, manifest)
-        return publish(staging, out)
+        return plan
+
+    def write(workers, staging, plan):
+        layout = shard_plan(plan, cfg)
+        return write_shards(workers.client, BuildJournal(staging, layout), layout, plan, videos, splits, cfg)
+
+    return staged_build(os.path.abspath(cfg.out), "build-clips", cfg, client, prepare, write)
 
 
 def shard_plan(plan, cfg: ClipsConfig) -> dict:
@@ -207,7 +190,7 @@ def clip_shard_task(staging: str, shard: dict, jobs: list, cfg: ClipsConfig) -> 
         from ingest.c3d.tasks import cached_raft
 
         raft = cached_raft(cfg.raft_weights, "cpu")
-    name = os.path.basename(shard["name"])
+    split, phase, name = shard["name"].split("/")
     samples, skipped, nbytes, units_total = [], [], 0, 0
     with TarShardWriter(os.path.join(staging, shard["name"])) as writer:
         for (video_id, key, label), job in zip(shard["videos"], jobs):
@@ -219,7 +202,6 @@ def clip_shard_task(staging: str, shard: dict, jobs: list, cfg: ClipsConfig) -> 
                 skipped.append(skip_record(e))
                 continue
             units = info["units"]
-            split, phase = shard["name"].split("/")[:2]
             for u in range(units):
                 frames = slice(u * CLIP_FRAMES, (u + 1) * CLIP_FRAMES)
                 members = {member_name(cfg.storage, s): [encode_frames(streams[s][frames], stream_storage(cfg.storage, s),
