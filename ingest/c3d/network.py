@@ -132,10 +132,9 @@ def c3d_classifier(classes: int, side: int, pool5: str, init: str | None = None,
     demos, random_c3d's seeded weights; fc8 (and fc7 where the weights lack it) drawn from N(0, 0.01)
     with `random_seed` or 0, as Caffe's fine-tuning examples initialise a new layer."""
     generator = torch.Generator().manual_seed(random_seed or 0)
-    if init is not None:
-        trunk, padding = load_c3d(init, side, pool5), "zeros"
-        state = load_state_file(init, WeightsError, "weights")
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if init is not None:  # read once: conv1 .. fc6 for the trunk, fc7 below
+        state, padding = read_c3d_weights(init, side, pool5)
+        trunk = c3d_from_state(state, padding, init, side, pool5)
     else:
         trunk, padding, state = random_c3d(random_seed, side, pool5), "replicate", {}
         # random_c3d answers in pixel units (~100s), where SGD's steps are far too long for fc6 (its
@@ -177,6 +176,11 @@ def load_state_file(path: str, error: type, what: str, mmap: bool = False):
 FINE_TUNED = ("crop_size", "pool5", "padding_mode")  # what an elr-train-c3d checkpoint says of how it ran
 
 
+def is_fine_tuned(state) -> bool:
+    """Whether a loaded weights file is an elr-train-c3d checkpoint (its model and how it ran)."""
+    return isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED)
+
+
 def weights_conventions(path: str) -> dict | None:
     """{"crop_size", "pool5", "padding_mode"} when `path` is a C3D fine-tuned by elr-train-c3d (its
     best.pt or last.pt); None for a plain state_dict such as c3d.pickle, and for a file that cannot be
@@ -185,17 +189,17 @@ def weights_conventions(path: str) -> dict | None:
         state = load_state_file(path, WeightsError, "weights", mmap=True)
     except WeightsError:
         return None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED):
-        return {k: state[k] for k in FINE_TUNED}
-    return None
+    return {k: state[k] for k in FINE_TUNED} if is_fine_tuned(state) else None
 
 
-def load_c3d(path: str, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
-    """C3D with the weights of a state_dict file, or of a checkpoint of elr-train-c3d (run with the
-    padding it was trained with); one WeightsError naming what differs otherwise."""
+def read_c3d_weights(path: str, side: int, pool5: str) -> tuple:
+    """(state_dict of tensors, border padding) of a weights file: a state_dict such as c3d.pickle
+    (DataParallel's "module." prefixes dropped), or the model of an elr-train-c3d checkpoint, whose
+    crop size and pool5 windows must be `side` and `pool5` (its padding is the one it trained with).
+    Anything else is one WeightsError."""
     state = load_state_file(path, WeightsError, "weights")
     padding = "zeros"
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and all(k in state for k in FINE_TUNED):
+    if is_fine_tuned(state):
         if (state["crop_size"], state["pool5"]) != (side, pool5):
             raise WeightsError(f"{path}: fine-tuned on {state['crop_size']}x{state['crop_size']} crops with --pool5 "
                                f"{state['pool5']}; this run has --crop-size {side} --pool5 {pool5}")
@@ -205,6 +209,19 @@ def load_c3d(path: str, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
                            "with keys conv1.weight ... fc6.bias)")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
+    return state, padding
+
+
+def load_c3d(path: str, side: int = INPUT_SIDE, pool5: str = "caffe") -> C3D:
+    """C3D with the weights of a state_dict file, or of a checkpoint of elr-train-c3d (run with the
+    padding it was trained with); one WeightsError naming what differs otherwise."""
+    state, padding = read_c3d_weights(path, side, pool5)
+    return c3d_from_state(state, padding, path, side, pool5)
+
+
+def c3d_from_state(state: dict, padding: str, path: str, side: int, pool5: str) -> C3D:
+    """C3D (conv1 .. fc6) with the tensors of `state`, read from `path`; a WeightsError naming the keys
+    or shapes that are not C3D's at `side`."""
     model = C3D(side, padding_mode=padding, pool5=pool5)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state), key=list(expected).index)

@@ -90,10 +90,11 @@ def decode_frames(path: str, class_name: str, video: str):
             raise bad(f"truncated: decoded {n} of the {declared} frames its header promises")
 
 
-def center_crop(image: np.ndarray, side: int) -> np.ndarray:
-    h, w = image.shape[:2]
+def center_crop(frames: np.ndarray, side: int) -> np.ndarray:
+    """The centered side x side window of frames (..., H, W, channels)."""
+    h, w = frames.shape[-3:-1]
     top, left = (h - side) // 2, (w - side) // 2
-    return image[top:top + side, left:left + side]
+    return frames[..., top:top + side, left:left + side, :]
 
 
 def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> tuple:
@@ -138,10 +139,8 @@ def prepare_video(path: str, class_name: str, video: str, opts: FrameOptions, ra
     """Decode `path` and build its four center-cropped clip stacks (see the module docstring)."""
     info, streams = video_streams(path, class_name, video, opts, raft)
     streams["lr_rgb"] = streams.pop("lr_up")
-    (h, w), side = opts.resized, opts.side
-    top, left = (h - side) // 2, (w - side) // 2  # as center_crop
-    clips = {name: np.ascontiguousarray(streams[name][:, top:top + side, left:left + side])
-             .reshape(info["units"], CLIP_FRAMES, side, side, 3) for name in STREAM_ORDER}
+    shape = (info["units"], CLIP_FRAMES, opts.side, opts.side, 3)
+    clips = {name: np.ascontiguousarray(center_crop(streams[name], opts.side)).reshape(shape) for name in STREAM_ORDER}
     return PreparedVideo(class_name, video, clips, info)
 
 

@@ -7,6 +7,7 @@ Validation unless `validation="none"`, which leaves those videos out.
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from shards.errors import ELRError
@@ -144,8 +145,6 @@ def checked_plan(videos: str, splits: str, split: int, validation: str, on_error
                  record: str = "features.json") -> VideoPlan:
     """plan_videos, its warnings printed; a problem in the split files stops here unless on_error is
     "skip" (the caller lists them in `record`), and so does a split without videos."""
-    import sys
-
     plan = plan_videos(videos, splits, split, validation)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
