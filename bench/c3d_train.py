@@ -84,7 +84,9 @@ def loader_alone(clip_set: str, batch: int, batches: int, workers: int, pin: boo
     """(l): clips/s (units x 2 streams) the loader hands over, after its first batch."""
     from elr.data.clips import ClipBatches, clip_loader
 
-    data = ClipBatches(clip_set, "Split1", "Train", ["hr_rgb", "lr_rgb"], 112, batch, seed=0, epoch=0)
+    from shards.clips import ClipSet
+
+    data = ClipBatches(ClipSet(clip_set), "Split1", "Train", ["hr_rgb", "lr_rgb"], 112, batch, seed=0, epoch=0)
     loader = iter(clip_loader(data, 0, workers, pin))
     next(loader)
     t, n = time.perf_counter(), 0

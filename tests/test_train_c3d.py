@@ -100,8 +100,8 @@ def test_two_processes_train_as_one(demo_clips, whole_run, tmp_path):
 
 def test_augmentation_on_the_host_and_the_device(demo_clips):
     clips = ClipSet(demo_clips)
-    data = ClipBatches(demo_clips, "Split1", "Train", ["hr_rgb", "lr_rgb", "hr_flow"], 16, 8, seed=0, epoch=3)
-    again = ClipBatches(demo_clips, "Split1", "Train", ["hr_rgb", "lr_rgb", "hr_flow"], 16, 8, seed=0, epoch=3,
+    data = ClipBatches(clips, "Split1", "Train", ["hr_rgb", "lr_rgb", "hr_flow"], 16, 8, seed=0, epoch=3)
+    again = ClipBatches(clips, "Split1", "Train", ["hr_rgb", "lr_rgb", "hr_flow"], 16, 8, seed=0, epoch=3,
                         rank=1, world=2)
     batch, half = data[0], again[0]
     assert torch.equal(batch["unit"][4:], half["unit"]) and torch.equal(batch["hr_rgb"][4:], half["hr_rgb"])

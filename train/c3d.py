@@ -45,7 +45,7 @@ try:
     from shards.lock import OutputFolder
     from shards.manifest import manifest_digest
     from shards.progress import Progress
-    from train.config import config_options, flag, option
+    from train.config import check_same_trajectory, config_options, flag, option
     from train.launch import elastic_run, guarded
     from train.startup import agree, start_process
 except ModuleNotFoundError as e:  # run from a checkout that was never installed
@@ -130,6 +130,7 @@ def log(msg: str) -> None:
 @dataclass
 class Plan:
     """What every rank needs to know of the clip set, checked before any process starts."""
+    clips: ClipSet  # opened once: every epoch's batches read through it
     classes: list
     frame: tuple  # (H, W) of the stored frames
     set_crop: int  # the crop the clips were stored for (the window cut from the frames)
@@ -158,7 +159,7 @@ def plan_run(cfg: C3DTrainConfig) -> Plan:
         raise ELRError(f"--batch-size {cfg.batch_size} is more than the {train_units} Train units of {cfg.clips}")
     if cfg.init and not os.path.isfile(cfg.init):
         raise ELRError(f"--init {cfg.init}: no such weights file")
-    return Plan(clips.classes, tuple(clips.clips["size"]), set_crop, crop, train_units,
+    return Plan(clips, clips.classes, tuple(clips.clips["size"]), set_crop, crop, train_units,
                 [p for p in ("Validation", "Test") if p in phases], manifest_digest(clips.manifest))
 
 
@@ -176,16 +177,32 @@ def resume_state(cfg: C3DTrainConfig, plan: Plan) -> dict | None:
         raise CheckpointError(f"{path}: not an elr-train-c3d checkpoint")
     if state["clips_digest"] != plan.digest:
         raise CheckpointError(f"--resume: {path} was trained on another clip set (--clips {cfg.clips} differs)")
-    old, new = state["config"], asdict(cfg)
-    differs = [k for k in TRAJECTORY if old[k] != new[k]]
-    if differs:
-        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old[k]}" for k in differs)
-                              + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
-                              + " (use the same options, or another --out)")
+    check_same_trajectory(path, state["config"], asdict(cfg), TRAJECTORY)
     return state
 
 
 # ---- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    """An epoch's accumulators, checkpointed mid-epoch: a resumed epoch reports what the uninterrupted
+    one would have."""
+    loss_sum: float = 0.0  # loss x clips, over all ranks (summed at checkpoints and the epoch's end)
+    correct: float = 0.0  # clips predicted right, over all ranks
+    clips: float = 0.0
+    wait: float = 0.0  # this rank's seconds waiting for its batches
+    seconds: float = 0.0  # this rank's seconds of whole steps
+
+    def add(self, local: list, device) -> None:
+        """Every rank's (loss x clips, correct clips, clips) since the last call, into the epoch's."""
+        loss_sum, correct, clips = all_sum(local, device)
+        self.loss_sum, self.correct, self.clips = self.loss_sum + loss_sum, self.correct + correct, self.clips + clips
+
+
+def lr_at(cfg: C3DTrainConfig, epoch: int) -> float:
+    """The base learning rate of an epoch (0-based): divided by 10 every --lr-step epochs."""
+    return cfg.lr * 0.1 ** (epoch // cfg.lr_step)
 
 
 def amp_dtype(cfg: C3DTrainConfig, device: torch.device):
@@ -215,7 +232,7 @@ def dropout_masks(units: list, streams: int, seed: int, epoch: int, p: float, de
 def evaluate(model, cfg: C3DTrainConfig, plan: Plan, phase: str, rank: int, world: int, device, workers: int,
              amp) -> dict:
     """{stream: {"clip_acc", "video_acc"}} on `phase`, center crops, every unit once over the ranks."""
-    data = ClipBatches(cfg.clips, cfg.split, phase, cfg.stream_list, plan.set_crop, cfg.eval_batch, train=False,
+    data = ClipBatches(plan.clips, cfg.split, phase, cfg.stream_list, plan.set_crop, cfg.eval_batch, train=False,
                        rank=rank, world=world)
     mean = torch.tensor(C3D_MEAN_BGR)
     n_videos, n_classes = len(data.labels), len(plan.classes)
@@ -234,14 +251,13 @@ def evaluate(model, cfg: C3DTrainConfig, plan: Plan, phase: str, rank: int, worl
                 correct[s] += int((logits.argmax(1) == label).sum())
             clips += len(label)
     model.train()
-    clips = all_sum([clips], device)[0]
+    clips, *right = all_sum([clips, *(correct[s] for s in cfg.stream_list)], device)
     out = {}
     labels = torch.from_numpy(data.labels).to(device)
-    for s in cfg.stream_list:
+    for s, n in zip(cfg.stream_list, right):
         if dist.is_initialized():
             dist.all_reduce(scores[s])
-        out[s] = {"clip_acc": all_sum([correct[s]], device)[0] / clips,
-                  "video_acc": float((scores[s].argmax(1) == labels).double().mean())}
+        out[s] = {"clip_acc": n / clips, "video_acc": float((scores[s].argmax(1) == labels).double().mean())}
     return out
 
 
@@ -269,14 +285,13 @@ def run(cfg: C3DTrainConfig) -> dict:
                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_name == "fp16")
     state = agree(setup, lambda: resume_state(cfg, plan))  # rank 0 decides; every rank gets the checkpoint
-    # stats: loss x clips, correct clips, clips (over all ranks, summed at checkpoints), data wait and
-    # step seconds (this rank's)
-    epoch, step, history, stats, best = 0, 0, [], [0.0] * 5, None
+    epoch, step, history, stats, best = 0, 0, [], EpochStats(), None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        epoch, step, history, stats, best = state["epoch"], state["step"], state["history"], state["stats"], state["best"]
+        epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
+        stats = EpochStats(**state["stats"])
     net = DDP(model) if setup.world > 1 else model  # after loading: DDP starts every rank from rank 0's weights
     if setup.master:
         log("elr-train-c3d: " + json.dumps({**asdict(cfg), "world": setup.world, "device": str(device), "amp": amp_name,
@@ -287,17 +302,22 @@ def run(cfg: C3DTrainConfig) -> dict:
     timings = []  # (seconds waiting for the batch, seconds of the whole step, clips) of this invocation's steps
     record = history[-1] if history else {}
 
-    def save(path_name: str, epoch_: int, step_: int, stats_: list):
+    # what the run's reports are about: the LR stream where it is trained (what testing reads)
+    chosen = next((s for s in ("lr_rgb", "lr_flow") if s in cfg.stream_list), cfg.stream_list[0])
+    select = f"{plan.phases[0].lower()}_{chosen}_video_acc"  # best.pt's measure
+
+    def save_last(epoch_: int, step_: int, stats_: EpochStats):
         if setup.master:
-            save_checkpoint(os.path.join(cfg.out, path_name), {
+            save_checkpoint(os.path.join(cfg.out, "last.pt"), {
                 "kind": "elr-train-c3d", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch_, "step": step_, "stats": stats_, "history": history,
-                "best": best, "config": asdict(cfg), "clips_digest": plan.digest, **checkpoint_meta(cfg, plan, model)})
+                "scaler": scaler.state_dict(), "epoch": epoch_, "step": step_, "stats": asdict(stats_),
+                "history": history, "best": best, "config": asdict(cfg), "clips_digest": plan.digest,
+                **checkpoint_meta(cfg, plan, model)})
 
     while epoch < cfg.epochs and not (cfg.max_steps and done_steps >= cfg.max_steps):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * group["mult"] * 0.1 ** (epoch // cfg.lr_step)
-        data = ClipBatches(cfg.clips, cfg.split, "Train", cfg.stream_list, plan.set_crop, cfg.batch_size, cfg.seed,
+            group["lr"] = lr_at(cfg, epoch) * group["mult"]
+        data = ClipBatches(plan.clips, cfg.split, "Train", cfg.stream_list, plan.set_crop, cfg.batch_size, cfg.seed,
                            epoch, True, setup.rank, setup.world, cfg.flip)
         steps = data.steps()
         local = [0.0, 0.0, 0.0]  # loss x clips, correct clips, clips: this rank's since the last sum
@@ -328,43 +348,39 @@ def run(cfg: C3DTrainConfig) -> dict:
                 local[0] += float(loss.detach()) * len(y)
                 local[1] += int((logits.argmax(1) == y).sum())
                 local[2] += len(y)
-                stats[3] += got - asked
-                stats[4] += time.perf_counter() - asked
+                stats.wait += got - asked
+                stats.seconds += time.perf_counter() - asked
                 timings.append((got - asked, time.perf_counter() - asked, len(y)))
                 step += 1
                 done_steps += 1
                 bar.update(1)
                 bar.set_postfix_str(f"loss {local[0] / local[2]:.3f}, {len(y) * setup.world / (time.perf_counter() - asked):.1f} "
-                                    f"clips/s, data wait {stats[3] / stats[4]:.0%}")
+                                    f"clips/s, data wait {stats.wait / stats.seconds:.0%}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-                    summed = all_sum(local, device)
-                    stats = [a + b for a, b in zip(stats, summed + [0.0, 0.0])]
+                    stats.add(local, device)
                     local = [0.0, 0.0, 0.0]
-                    save("last.pt", epoch, step, stats)
-        summed = all_sum(local, device)
-        stats = [a + b for a, b in zip(stats, summed + [0.0, 0.0])]
+                    save_last(epoch, step, stats)
+        stats.add(local, device)
         if step < steps:  # --max-steps stopped mid-epoch
-            save("last.pt", epoch, step, stats)
+            save_last(epoch, step, stats)
             break
-        record = {"epoch": epoch + 1, "steps": steps, "lr": cfg.lr * 0.1 ** (epoch // cfg.lr_step),
-                  "train_loss": stats[0] / stats[2], "train_clip_acc": stats[1] / stats[2],
-                  "clips_per_s": stats[2] / max(stats[4], 1e-9),
-                  "data_wait": stats[3] / max(stats[4], 1e-9), "chance": 1 / len(plan.classes)}
+        record = {"epoch": epoch + 1, "steps": steps, "lr": lr_at(cfg, epoch),
+                  "train_loss": stats.loss_sum / stats.clips, "train_clip_acc": stats.correct / stats.clips,
+                  "clips_per_s": stats.clips / max(stats.seconds, 1e-9),
+                  "data_wait": stats.wait / max(stats.seconds, 1e-9), "chance": 1 / len(plan.classes)}
         for phase in plan.phases:
             for s, acc in evaluate(model, cfg, plan, phase, setup.rank, setup.world, device, workers, amp).items():
                 record[f"{phase.lower()}_{s}_clip_acc"] = acc["clip_acc"]
                 record[f"{phase.lower()}_{s}_video_acc"] = acc["video_acc"]
-        chosen = "lr_rgb" if "lr_rgb" in cfg.stream_list else "lr_flow" if "lr_flow" in cfg.stream_list else cfg.stream_list[0]
         record["test_acc"] = record[f"test_{chosen}_video_acc"]  # what curves.png plots
-        select = f"{plan.phases[0].lower()}_{chosen}_video_acc"
         history.append(record)
-        epoch, step, stats = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0, 0.0]
+        epoch, step, stats = epoch + 1, 0, EpochStats()
         if setup.master:
             if best is None or record[select] > best["value"]:
                 best = {"epoch": record["epoch"], "metric": select, "value": record[select]}
                 save_checkpoint(os.path.join(cfg.out, "best.pt"), {"model": model.state_dict(), "epoch": record["epoch"],
                                                                    "metric": best, **checkpoint_meta(cfg, plan, model)})
-            save("last.pt", epoch, 0, stats)
+            save_last(epoch, 0, stats)
             write_metrics(os.path.join(cfg.out, "metrics.jsonl"), history)
             plot_curves(history, os.path.join(cfg.out, "curves.png"))
             log(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, train clip acc {record['train_clip_acc']:.1%}, "

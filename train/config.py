@@ -89,6 +89,18 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def check_same_trajectory(path: str, old: dict, new: dict, keys) -> None:
+    """--resume: the options in `keys` that shape the weights must be those `path` was trained with;
+    else one CheckpointError naming each that differs, both ways."""
+    from elr.checkpoint import CheckpointError
+
+    differs = [k for k in keys if old[k] != new[k]]
+    if differs:
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old[k]}" for k in differs)
+                              + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
+                              + " (use the same options, or another --out)")
+
+
 def config_options(command, config=None):
     """A click option for every field of `config` (a dataclass made of option() fields; TrainConfig by
     default), with its help and extra spellings."""

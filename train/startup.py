@@ -16,7 +16,7 @@ from shards.memory import keep_freed_memory
 from shards.cache import ShardCache
 from shards.shardset import ShardSet
 
-from .config import LEGACY, TRAJECTORY, TrainConfig, flag
+from .config import LEGACY, TRAJECTORY, TrainConfig, check_same_trajectory
 
 
 @dataclass
@@ -121,12 +121,7 @@ def resume_decision(cfg: TrainConfig, digest: str, restart: int) -> tuple:
         raise CheckpointError(f"--resume: {path} was trained on another shard set (manifest sha256 "
                               f"{state['manifest_sha256'][:12]}, --shards {cfg.shards} has {digest[:12]})")
     old, new = state["config"], asdict(cfg)
-    old = {k: old.get(k, LEGACY.get(k)) for k in TRAJECTORY}
-    differs = [k for k in TRAJECTORY if old[k] != new[k]]
-    if differs:
-        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(f"--{flag(k)} {old[k]}" for k in differs)
-                              + "; this run has " + ", ".join(f"--{flag(k)} {new[k]}" for k in differs)
-                              + " (use the same options, or another --out)")
+    check_same_trajectory(path, {k: old.get(k, LEGACY.get(k)) for k in TRAJECTORY}, new, TRAJECTORY)
     return "resume", None
 
 

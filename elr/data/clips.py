@@ -48,15 +48,16 @@ class ClipBatches(torch.utils.data.Dataset):
     {"unit", "label", "video": int64 (b,), "top", "left", "flip": (b,), stream: uint8 (b, 16, ...)}.
     For evaluation (train=False) item s is the s-th slice of the phase's units, strided over ranks."""
 
-    def __init__(self, root: str, split: str, phase: str, streams, window: int, batch: int, seed: int = 0,
+    def __init__(self, clips: ClipSet, split: str, phase: str, streams, window: int, batch: int, seed: int = 0,
                  epoch: int = 0, train: bool = True, rank: int = 0, world: int = 1, flips: bool = True):
-        self.clips = ClipSet(root)
+        self.clips = clips
         self.split, self.phase, self.streams = split, phase, tuple(streams)
         self.window, self.batch, self.seed, self.epoch, self.train = window, batch, seed, epoch, train
         self.rank, self.world, self.flips = rank, world, flips
         self.units = self.clips.units(split, phase)
         self.frame = tuple(self.clips.clips["size"])
         self.labels = np.array([row["label"] for row in self.clips.videos(split, phase)], np.int64)
+        self.order = epoch_order(len(self.units), seed, epoch) if train else None  # the epoch's, drawn once
 
     def steps(self) -> int:
         if self.train:
@@ -66,8 +67,8 @@ class ClipBatches(torch.utils.data.Dataset):
     def indices(self, step: int) -> np.ndarray:
         if self.train:
             share = self.batch // self.world
-            order = epoch_order(len(self.units), self.seed, self.epoch)
-            return order[step * self.batch + self.rank * share: step * self.batch + (self.rank + 1) * share]
+            start = step * self.batch + self.rank * share
+            return self.order[start:start + share]
         everything = np.arange(self.rank, len(self.units), self.world)
         return everything[step * self.batch:(step + 1) * self.batch]
 
