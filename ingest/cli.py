@@ -63,6 +63,21 @@ validation_option = click.option(
     help="Label-0 videos (unused by the official protocol) become the seed's Validation phase, or are left out.")
 
 
+def staged_build_options(command):
+    """What build-shards and build-clips share (shards.build.staged_build): shuffling, bad input, the
+    dask workers, resuming and replacing."""
+    for option in reversed((
+            click.option("--seed", default=0, show_default=True, help="Shuffles videos across shards."),
+            click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                         help="A bad video stops the build, or is left out and listed in the manifest."),
+            dask_workers_option, scheduler_option,
+            click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards."),
+            click.option("--overwrite", is_flag=True,
+                         help="Replace an existing shard set once the new one is complete."))):
+        command = option(command)
+    return command
+
+
 def flow_options(command):
     for option in reversed((
             click.option("--flow", type=click.Choice(["dis", "farneback", "tvl1", "raft"]), default="dis",
@@ -138,13 +153,7 @@ def make_demo_cmd(out, **options):
 @click.option("--min-shards", default=8, show_default=True, type=POSITIVE, help="At least this many tar shards per phase.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype (float32 is lossless).")
-@click.option("--seed", default=0, show_default=True, help="Shuffles videos across shards.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="A bad video stops the build, or is left out and listed in the manifest.")
-@dask_workers_option
-@scheduler_option
-@click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing shard set once the new one is complete.")
+@staged_build_options
 @click.option("--zarr-chunk-units", default=512, show_default=True, type=POSITIVE,
               help="Units per Zarr chunk (the smallest read).")
 @click.option("--zarr-shard-units", default=2048, show_default=True, type=POSITIVE, help="Units per Zarr shard file.")
@@ -350,16 +359,11 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
               help="How frames are stored: JPEG (188 KB a unit, HMDB51 in 6.8 GB), PNG (lossless, ~4x the "
                    "bytes, slower to decode) or raw uint8 (114 GB for HMDB51, the fastest to read).")
 @click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
-@click.option("--shard-bytes", default="128MiB", show_default=True, type=ByteSize(), help="About this much a tar shard.")
+@click.option("--shard-size", "shard_bytes", default="128MiB", show_default=True, type=ByteSize(),
+              help="Target tar shard size (KB, MB, GB, KiB...).")
 @click.option("--min-shards", default=8, show_default=True, type=POSITIVE,
               help="At least this many shards a phase (one build task and one reader each).")
-@click.option("--seed", default=0, show_default=True, help="Shuffles videos across shards.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="A bad video stops the build, or is skipped and listed in the manifest.")
-@dask_workers_option
-@scheduler_option
-@click.option("--resume", is_flag=True, help="Continue an interrupted build (its finished shards are kept).")
-@click.option("--overwrite", is_flag=True, help="Replace the clip set in --out (kept until the new one is complete).")
+@staged_build_options
 @quiet_option
 def build_clips_cmd(videos, splits_dir, quiet, **options):
     """Store every 16-frame unit of VIDEOS as clips for fine-tuning C3D (elr-train-c3d).

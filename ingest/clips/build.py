@@ -2,7 +2,7 @@
 
 Each unit of each video becomes one sample of four streams (shards.clips): HR RGB and both flow
 images at the frame size C3D crops from (128x171 for 112 crops), LR RGB at its low resolution. The
-videos of a phase are shuffled (seeded) and cut into shards of about --shard-bytes by their header
+videos of a phase are shuffled (seeded) and cut into shards of about --shard-size by their header
 frame counts; a shard is one dask task that decodes, resizes and computes the flow of its videos
 and writes the tar under a temporary name. The set grows in `<out>.building/` with a journal of
 finished shards in `_build/` (recorded as each finishes: --resume keeps those whose hash checks
@@ -73,7 +73,7 @@ class ClipsConfig:
         if not 1 <= self.quality <= 100 or self.flow_bound <= 0 or self.on_error not in ("fail", "skip"):
             raise ValueError("--quality 1..100, --flow-bound > 0 and --on-error fail|skip are required")
         if self.shard_bytes <= 0 or self.min_shards < 1 or self.workers < 0:
-            raise ValueError("--shard-bytes must be > 0, --min-shards >= 1 and --workers >= 0")
+            raise ValueError("--shard-size must be > 0, --min-shards >= 1 and --workers >= 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
