@@ -91,12 +91,13 @@ class ShardCache:
             raise CacheError(f"--cache-dir {cache_dir}: not writable")
         return cls(root, limit)
 
-    def check_room(self, shard_bytes: list, at_once: int) -> None:
-        """Refuse a limit below what `at_once` shards read together can take (the largest of them)."""
+    def check_room(self, shard_bytes: list, at_once: int, why: str = "") -> None:
+        """Refuse a limit below what `at_once` shards read together can take (the largest of them);
+        `why`: what reads them together, when not a step's streams."""
         need = sum(sorted(shard_bytes, reverse=True)[:at_once])
         if need > self.limit:
-            raise CacheError(f"--cache-limit {human(self.limit)} is too small: a step can read {at_once} shards at "
-                             f"once ({human(need)} for the largest); give at least --cache-limit {need}")
+            why = why or f"a step can read {at_once} shards at once ({human(need)} for the largest)"
+            raise CacheError(f"--cache-limit {human(self.limit)} is too small: {why}; give at least --cache-limit {need}")
 
     def _path(self, sha: str, ext: str) -> str:
         return os.path.join(self.root, f"{sha}.{ext}")

@@ -18,13 +18,15 @@ video ({key, label, units, class, video, shard}); a shard entry's "samples" coun
 
 import json
 import os
+import sys
 from collections import Counter
 
 import numpy as np
 
 from . import schema
 from .errors import ELRError, ShardCorruptError
-from .manifest import file_problem, row_problems
+from .cache import human as human_bytes
+from .manifest import file_problem, join_path, row_problems
 from .tario import group_samples, iter_mapped_members
 
 STREAMS = tuple(schema.STREAMS)  # the feature streams' names: a unit's clips are what C3D turns into them
@@ -142,25 +144,72 @@ def verify_clip_tar(root: str, shard: dict, expected: dict, clips: dict, n_class
 
 
 class ClipSet:
-    """A local clip set opened for reading: a phase's units in table order, each read by its index.
+    """A clip set opened for reading: a phase's units in table order, each read by its index.
 
     `units(split, phase)` -> [(shard index, unit index in its shard, video index, unit of its video)]
     (from the sample table alone: a video's units are consecutive samples of its shard);
     `read(split, phase, unit)` -> {"meta": ..., stream: uint8 frames} for the streams asked for. A
-    shard is mapped and its tar headers parsed once per process (shards.tario)."""
+    shard is mapped and its tar headers parsed once per process (shards.tario).
 
-    def __init__(self, root: str):
+    A remote set (any fsspec URL) is read through a ShardCache (`cache`): units are read at random, a
+    few at a time, so `download(split, phases)` brings every shard of the phases a run reads into the
+    cache before its first step (once per machine: every rank and loader worker shares the copies);
+    a unit is then read from the cached copy, held against eviction while it is read."""
+
+    def __init__(self, root: str, cache=None):
         from . import remote
+        from .cache import CacheError
         from .shardset import ShardSet
 
-        if remote.is_url(root):
-            raise ValueError(f"{root}: clip sets are read from a local folder (copy it first: clips are read at "
-                             "random, a unit at a time)")
-        self.root = os.path.abspath(root)
+        self.remote = remote.is_url(root)
+        if self.remote and cache is None:
+            raise CacheError(f"{root}: a remote clip set is read through a local cache (its units are read at random, "
+                             "a few at a time): give --cache-dir DIR --cache-limit SIZE (or ELR_CACHE_DIR, ELR_CACHE_LIMIT)")
+        self.root = root.rstrip("/") if self.remote else os.path.abspath(root)
+        self.cache = cache if self.remote else None  # a local set is read where it is
         self.manifest = ShardSet.open(self.root, samples=True, content="clips").manifest
         self.clips, self.classes = self.manifest["clips"], self.manifest["classes"]
         self.shapes = stream_shapes(self.clips)
         self._units = {}
+
+    def shards(self, split: str, phases) -> list:
+        """[(url or path, manifest entry)] of the phases' shards, phase after phase."""
+        return [(join_path(self.root, s["path"]), s) for phase in phases
+                for s in self.manifest["splits"][split][phase]["webdataset"]["shards"]]
+
+    def check_cache_room(self, split: str, phases) -> None:
+        """A remote set: refuse a cache limit that cannot hold every shard of the phases (one CacheError)."""
+        if self.cache is not None:
+            sizes = [s["bytes"] for _, s in self.shards(split, phases)]
+            self.cache.check_room(sizes, len(sizes), why=(
+                f"units of all {len(sizes)} shards of {', '.join(phases)} are read at random in every epoch "
+                f"({human_bytes(sum(sizes))})"))
+
+    def download(self, split: str, phases, rank: int = 0, world: int = 1, threads: int = 4,
+                 progress: bool = True) -> None:
+        """A remote set: every shard of the phases into the cache, checked against its sha256 (a copy
+        already there is kept). The limit must hold them all; ranks start at different shards and meet
+        at the entries' locks, so each shard is downloaded once per machine."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .progress import Progress
+
+        if self.cache is None:
+            return
+        self.check_cache_room(split, phases)
+        shards = self.shards(split, phases)
+        start = len(shards) * rank // world
+        shards = shards[start:] + shards[:start]
+
+        def fetch(shard) -> int:
+            url, entry = shard
+            self.cache.fetch(url, entry["sha256"], entry["bytes"])
+            return entry["bytes"]
+
+        with Progress(total=sum(s["bytes"] for _, s in shards), desc="caching clip shards", unit="B", unit_scale=True,
+                      disable=not progress, file=sys.stderr, leave=False) as bar, ThreadPoolExecutor(threads) as pool:
+            for n in pool.map(fetch, shards):
+                bar.update(n)
 
     def phases(self, split: str) -> list:
         return list(self.manifest["splits"].get(split, {}))
@@ -185,9 +234,16 @@ class ClipSet:
         from .tario import mapped_samples
 
         shard, index, video, u = unit
-        rel = self.manifest["splits"][split][phase]["webdataset"]["shards"][shard]["path"]
-        path = os.path.join(self.root, rel)
-        raw = next(mapped_samples(path, rel, skip=index, take=1), None)
+        entry = self.manifest["splits"][split][phase]["webdataset"]["shards"][shard]
+        rel, path = entry["path"], join_path(self.root, entry["path"])
+        if self.cache is None:
+            return self._read(mapped_samples(path, rel, skip=index, take=1), rel, split, phase, unit, streams)
+        with self.cache.open(path, entry["sha256"], entry["bytes"]) as local:
+            return self._read(mapped_samples(local, rel, skip=index, take=1), rel, split, phase, unit, streams)
+
+    def _read(self, samples, rel: str, split: str, phase: str, unit: tuple, streams) -> dict:
+        _, index, video, u = unit
+        raw = next(samples, None)
         row = self.videos(split, phase)[video]
         if raw is None or raw["__key__"] != unit_key(row["key"], u):
             raise ShardCorruptError(f"{rel}: sample {index} is not unit {u} of {row['class']}/{row['video']} "

@@ -128,6 +128,39 @@ def test_augmentation_on_the_host_and_the_device(demo_clips):
     assert torch.allclose(rgb[i], expected, atol=1e-4)
 
 
+def test_a_remote_clip_set_is_downloaded_once_and_trains_as_the_local_one(demo_clips, whole_run, tmp_path, http_server,
+                                                                            capsys):
+    """A clip set served over HTTP: read through --cache-dir (a loader worker reading the cached copies),
+    every shard fetched once per machine, and the weights of the local run, tensor for tensor."""
+    from shards.cache import human
+
+    server = http_server(os.path.dirname(demo_clips))
+    url = f"{server.url}/{os.path.basename(demo_clips)}"
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--cache-limit"]
+    assert in_process(train(url, tmp_path / "x"), capsys) == (
+        f"Error: {url}: a remote clip set is read through a local cache (its units are read at random, a few at a "
+        "time): give --cache-dir DIR --cache-limit SIZE (or ELR_CACHE_DIR, ELR_CACHE_LIMIT)")
+    shards = ClipSet(demo_clips).shards("Split1", ["Train", "Validation", "Test"])
+    total = sum(entry["bytes"] for _, entry in shards)
+    assert in_process(train(url, tmp_path / "x", *cache, "100KB"), capsys) == (
+        f"Error: --cache-limit 100.0 KB is too small: units of all {len(shards)} shards of Train, Validation, Test are "
+        f"read at random in every epoch ({human(total)}); give at least --cache-limit {total}")
+    assert not server.fetched()  # refused before any shard was read
+
+    remote = subprocess.run(train(url, tmp_path / "remote", "--epochs", "1", "--workers", "1", *cache, "1GB"),
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    a, b = weights(whole_run / "last.pt"), weights(tmp_path / "remote" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ from the local run's"
+    assert a["history"][0]["test_lr_rgb_video_acc"] == b["history"][0]["test_lr_rgb_video_acc"]
+    fetched = {f"/{os.path.basename(demo_clips)}/{entry['path']}": 1 for _, entry in shards}
+    assert server.fetched() == fetched  # each shard once, for every epoch, evaluation and loader worker
+    again = subprocess.run(train(url, tmp_path / "again", "--max-steps", "1", *cache, "1GB"),
+                           capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert server.fetched() == fetched  # the next run reads the machine's copies
+
+
 def test_mistakes_are_one_line(demo_clips, tmp_path, capsys):
     units = len(ClipSet(demo_clips).units("Split1", "Train"))
     cases = {

@@ -6,6 +6,7 @@ examples:
   elr-train-c3d --nproc 4 --clips data/HMDB51-clips --init c3d.pickle       # 4 local DDP workers
   torchrun --nproc-per-node 8 -m train.c3d --clips ... --init c3d.pickle
   elr-train-c3d --out runs/c3d-rgb --resume ...                              # continue a killed run
+  elr-train-c3d --clips s3://bucket/HMDB51-clips --cache-dir /scratch/cache --cache-limit 20GB --init c3d.pickle
   elr-train-c3d --clips demo/clips --random-c3d 0 --crop-size 16 --out runs/demo-c3d   # tests, demos
 then:
   elr-ingest extract-features VIDEOS ... --c3d-weights runs/c3d-rgb/best.pt --c3d-flow-weights runs/c3d-flow/best.pt
@@ -40,6 +41,7 @@ try:
     from elr.model import AMP, DEVICES, check_device
     from ingest.c3d.network import C3D_MEAN_BGR, FEATURE_DIM, POOL5, c3d_classifier
     from shards.cli import call, run_command_line
+    from shards.cache import ShardCache
     from shards.clips import STREAMS, ClipSet
     from shards.errors import ELRError
     from shards.lock import OutputFolder
@@ -54,8 +56,13 @@ except ModuleNotFoundError as e:  # run from a checkout that was never installed
 
 @dataclass
 class C3DTrainConfig:
-    clips: str = option("data/HMDB51-clips", "clip set (elr-ingest build-clips): a local folder")
+    clips: str = option("data/HMDB51-clips", "clip set (elr-ingest build-clips): a folder or any fsspec URL "
+                        "(http(s)://, s3://, gs://; read through --cache-dir)")
     split: str = option("Split1", "which Split* of the clip set")
+    cache_dir: str = option("", "for a remote --clips: download every shard once into this local folder before the "
+                            "first step (every rank and loader worker of the machine shares it; also ELR_CACHE_DIR)")
+    cache_limit: str = option("", "the cache's size, e.g. 20GB (also ELR_CACHE_LIMIT): it must hold the clip set's "
+                              "shards of the phases a run reads; least recently used shards of other sets are evicted")
     streams: str = option("hr_rgb,lr_rgb", "streams through the one network: hr_rgb,lr_rgb (RGB, HR and LR coupled), "
                           "hr_flow,lr_flow (flow), or one stream")
     init: str = option("", "Sports-1M C3D state_dict (c3d.pickle): conv1 .. fc7 start from it, fc8 is new")
@@ -141,7 +148,7 @@ class Plan:
 
 
 def plan_run(cfg: C3DTrainConfig) -> Plan:
-    clips = ClipSet(cfg.clips)
+    clips = ClipSet(cfg.clips, ShardCache.from_options(cfg.cache_dir, cfg.cache_limit))
     if cfg.split not in clips.manifest["splits"]:
         raise ELRError(f"--split {cfg.split}: not in the clip set {cfg.clips} (it has "
                        f"{', '.join(sorted(clips.manifest['splits']))})")
@@ -159,8 +166,10 @@ def plan_run(cfg: C3DTrainConfig) -> Plan:
         raise ELRError(f"--batch-size {cfg.batch_size} is more than the {train_units} Train units of {cfg.clips}")
     if cfg.init and not os.path.isfile(cfg.init):
         raise ELRError(f"--init {cfg.init}: no such weights file")
-    return Plan(clips, clips.classes, tuple(clips.clips["size"]), set_crop, crop, train_units,
-                [p for p in ("Validation", "Test") if p in phases], manifest_digest(clips.manifest))
+    evaluated = [p for p in ("Validation", "Test") if p in phases]
+    clips.check_cache_room(cfg.split, ["Train", *evaluated])  # a remote set's --cache-limit, before any process starts
+    return Plan(clips, clips.classes, tuple(clips.clips["size"]), set_crop, crop, train_units, evaluated,
+                manifest_digest(clips.manifest))
 
 
 def resume_state(cfg: C3DTrainConfig, plan: Plan) -> dict | None:
@@ -271,6 +280,9 @@ def run(cfg: C3DTrainConfig) -> dict:
     """One rank of the run (torchrun, --nproc or alone); rank 0's result: the last epoch's record."""
     setup = start_process(cfg.device)
     plan = plan_run(cfg)
+    # a remote set: its shards into the machine's cache first (the ranks of a machine share the work)
+    plan.clips.download(cfg.split, ["Train", *plan.phases], int(os.environ.get("LOCAL_RANK", 0)),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)), progress=setup.master and not cfg.quiet)
     device = setup.device
     amp_name, amp = amp_dtype(cfg, device)
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (4 if device.type == "cuda" else 1)
