@@ -12,7 +12,7 @@ A clip set of make-demo-videos clips is built once (4 classes, 240x320 videos, J
       input made on the device, forward, backward, gradient clipping, SGD), the first dropped
       (allocations, the loader's start); data wait is the time a step waited for its batch
   (l) the loader alone (ClipBatches through torch's DataLoader with --loader-workers): read, JPEG
-      decode, crop, flip; clips/s against (t)'s consumption
+      decode, crop, flip, the step's dropout masks; clips/s against (t)'s consumption
 On a GPU (--device cuda) every row runs in bf16 with channels_last_3d, as elr-train-c3d does there.
 Targets (issue 20): (t) >= 90% of (m) on the CPU, data wait < 5%.
 """
@@ -86,7 +86,8 @@ def loader_alone(clip_set: str, batch: int, batches: int, workers: int, pin: boo
 
     from shards.clips import ClipSet
 
-    data = ClipBatches(ClipSet(clip_set), "Split1", "Train", ["hr_rgb", "lr_rgb"], 112, batch, seed=0, epoch=0)
+    data = ClipBatches(ClipSet(clip_set), "Split1", "Train", ["hr_rgb", "lr_rgb"], 112, batch, seed=0, epoch=0,
+                       dropout=0.5)  # the trainer's batches: with their dropout masks
     loader = iter(clip_loader(data, 0, workers, pin))
     next(loader)
     t, n = time.perf_counter(), 0

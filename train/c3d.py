@@ -39,7 +39,7 @@ try:
     from elr.data.clips import ClipBatches, c3d_input, clip_loader, prefetched
     from elr.metrics import plot_curves, write_metrics
     from elr.model import AMP, DEVICES, check_device
-    from ingest.c3d.network import C3D_MEAN_BGR, FEATURE_DIM, POOL5, c3d_classifier
+    from ingest.c3d.network import C3D_MEAN_BGR, POOL5, c3d_classifier
     from shards.cli import call, run_command_line
     from shards.cache import ShardCache
     from shards.clips import STREAMS, ClipSet
@@ -128,6 +128,9 @@ class C3DTrainConfig:
 # Options that shape the weights: a resumed run must have the same ones as the run it continues.
 TRAJECTORY = ("split", "streams", "init", "random_c3d", "crop_size", "pool5", "batch_size", "lr", "lr_step", "new_lr_mult",
               "momentum", "weight_decay", "dropout", "clip_grad", "flip", "amp", "seed")
+
+
+SHOW_EVERY = 10  # steps between reads of the running loss (each read waits for the device)
 
 
 def log(msg: str) -> None:
@@ -227,17 +230,6 @@ def all_sum(values: list, device) -> list:
     return t.tolist()
 
 
-def dropout_masks(units: list, streams: int, seed: int, epoch: int, p: float, device) -> torch.Tensor | None:
-    """(streams x units, 2, 4096) dropout masks for fc7's and fc8's inputs, each clip's drawn from
-    (seed, epoch, unit, stream) alone: a step drops the same features whatever the world size and
-    however the run was interrupted."""
-    if not p:
-        return None
-    rows = [torch.rand(2, FEATURE_DIM, generator=torch.Generator().manual_seed(hash((seed, epoch, u, s)) % (1 << 62)))
-            for s in range(streams) for u in units]
-    return ((torch.stack(rows) >= p).float() / (1 - p)).to(device)
-
-
 def evaluate(model, cfg: C3DTrainConfig, plan: Plan, phase: str, rank: int, world: int, device, workers: int,
              amp) -> dict:
     """{stream: {"clip_acc", "video_acc"}} on `phase`, center crops, every unit once over the ranks."""
@@ -330,11 +322,13 @@ def run(cfg: C3DTrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch) * group["mult"]
         data = ClipBatches(plan.clips, cfg.split, "Train", cfg.stream_list, plan.set_crop, cfg.batch_size, cfg.seed,
-                           epoch, True, setup.rank, setup.world, cfg.flip)
+                           epoch, True, setup.rank, setup.world, cfg.flip, cfg.dropout)
         steps = data.steps()
-        local = [0.0, 0.0, 0.0]  # loss x clips, correct clips, clips: this rank's since the last sum
+        # this rank's (loss x clips, correct clips) since the last sum, on the device: read every
+        # SHOW_EVERY steps, not each step (a read waits for the GPU to finish the step's work)
+        local, local_clips, shown = torch.zeros(2, dtype=torch.float64, device=device), 0, float("nan")
         batches = iter(prefetched(clip_loader(data, step, workers, device.type == "cuda"), device,
-                                  ("label", *cfg.stream_list)))
+                                  ("label", "keep", *cfg.stream_list)))
         with Progress(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                       leave=False, disable=cfg.quiet or not setup.master) as bar:
             while step < steps and not (cfg.max_steps and done_steps >= cfg.max_steps):
@@ -346,7 +340,7 @@ def run(cfg: C3DTrainConfig) -> dict:
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last_3d)
                 y = batch["label"].to(device).repeat(len(cfg.stream_list))
-                keep = dropout_masks(batch["unit"].tolist(), len(cfg.stream_list), cfg.seed, epoch, cfg.dropout, device)
+                keep = batch["keep"].to(device).float() / (1 - cfg.dropout) if cfg.dropout else None
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     logits = net(x, keep)
                 loss = F.cross_entropy(logits.float(), y)
@@ -357,22 +351,24 @@ def run(cfg: C3DTrainConfig) -> dict:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
-                local[0] += float(loss.detach()) * len(y)
-                local[1] += int((logits.argmax(1) == y).sum())
-                local[2] += len(y)
+                local[0] += loss.detach().double() * len(y)
+                local[1] += (logits.argmax(1) == y).sum()
+                local_clips += len(y)
+                step += 1
+                done_steps += 1
+                if shown != shown or step % SHOW_EVERY == 0 or step == steps or done_steps == cfg.max_steps:  # (nan: none yet)
+                    shown = float(local[0]) / local_clips  # waits for the GPU: the step's time includes its work
                 stats.wait += got - asked
                 stats.seconds += time.perf_counter() - asked
                 timings.append((got - asked, time.perf_counter() - asked, len(y)))
-                step += 1
-                done_steps += 1
                 bar.update(1)
-                bar.set_postfix_str(f"loss {local[0] / local[2]:.3f}, {len(y) * setup.world / (time.perf_counter() - asked):.1f} "
-                                    f"clips/s, data wait {stats.wait / stats.seconds:.0%}")
+                rate = (stats.clips + local_clips * setup.world) / max(stats.seconds, 1e-9)  # the epoch's so far
+                bar.set_postfix_str(f"loss {shown:.3f}, {rate:.1f} clips/s, data wait {stats.wait / stats.seconds:.0%}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-                    stats.add(local, device)
-                    local = [0.0, 0.0, 0.0]
+                    stats.add([*local.tolist(), local_clips], device)
+                    local, local_clips = torch.zeros_like(local), 0
                     save_last(epoch, step, stats)
-        stats.add(local, device)
+        stats.add([*local.tolist(), local_clips], device)
         if step < steps:  # --max-steps stopped mid-epoch
             save_last(epoch, step, stats)
             break

@@ -36,6 +36,15 @@ def unit_view(seed: int, epoch: int, unit: int, frame: tuple, window: int, train
     return top, left, bool(flip and flips)
 
 
+def dropout_keep(units, streams: int, seed: int, epoch: int, p: float, dim: int = 4096) -> torch.Tensor:  # C3D's fc6, fc7
+    """(streams x units, 2, dim) bool: which of fc7's and fc8's inputs a clip keeps, drawn from (seed,
+    epoch, unit, stream) alone, so a step drops the same features whatever the world size and however
+    the run was interrupted. Drawn by the loader workers with the batch (the trainer only copies it)."""
+    rows = [torch.rand(2, dim, generator=torch.Generator().manual_seed(hash((seed, epoch, int(u), s)) % (1 << 62)))
+            for s in range(streams) for u in units]
+    return torch.stack(rows) >= p
+
+
 def mirror_flow_x(frames: np.ndarray) -> np.ndarray:
     """A horizontally flipped flow image's x channel: motion to the right becomes motion to the left
     (mirrored about 128, the image's zero)."""
@@ -45,15 +54,17 @@ def mirror_flow_x(frames: np.ndarray) -> np.ndarray:
 
 class ClipBatches(torch.utils.data.Dataset):
     """Item s: this rank's share of step s of the epoch, decoded and cropped on the host:
-    {"unit", "label", "video": int64 (b,), "top", "left", "flip": (b,), stream: uint8 (b, 16, ...)}.
-    For evaluation (train=False) item s is the s-th slice of the phase's units, strided over ranks."""
+    {"unit", "label", "video": int64 (b,), "top", "left", "flip": (b,), stream: uint8 (b, 16, ...)},
+    and with `dropout` > 0 "keep": the step's dropout masks (dropout_keep). For evaluation
+    (train=False) item s is the s-th slice of the phase's units, strided over ranks."""
 
     def __init__(self, clips: ClipSet, split: str, phase: str, streams, window: int, batch: int, seed: int = 0,
-                 epoch: int = 0, train: bool = True, rank: int = 0, world: int = 1, flips: bool = True):
+                 epoch: int = 0, train: bool = True, rank: int = 0, world: int = 1, flips: bool = True,
+                 dropout: float = 0.0):
         self.clips = clips
         self.split, self.phase, self.streams = split, phase, tuple(streams)
         self.window, self.batch, self.seed, self.epoch, self.train = window, batch, seed, epoch, train
-        self.rank, self.world, self.flips = rank, world, flips
+        self.rank, self.world, self.flips, self.dropout = rank, world, flips, dropout if train else 0.0
         self.units = self.clips.units(split, phase)
         self.frame = tuple(self.clips.clips["size"])
         self.labels = np.array([row["label"] for row in self.clips.videos(split, phase)], np.int64)
@@ -97,6 +108,8 @@ class ClipBatches(torch.utils.data.Dataset):
                             frames = mirror_flow_x(frames.copy())
                 stacks[s].append(np.ascontiguousarray(frames))
         out.update({s: torch.from_numpy(np.stack(v)) for s, v in stacks.items()})
+        if self.dropout:
+            out["keep"] = dropout_keep(picked, len(self.streams), self.seed, self.epoch, self.dropout)
         return out
 
 
@@ -127,7 +140,8 @@ def prefetched(batches, device: torch.device, keys: tuple):
         current = torch.cuda.current_stream(device)
         current.wait_stream(stream)  # the copy is done before the step reads it
         for k in keys:
-            pending[k].record_stream(current)  # its memory is not reused while the step still reads it
+            if k in pending:  # (a batch without dropout masks has no "keep")
+                pending[k].record_stream(current)  # its memory is not reused while the step still reads it
         batch, nxt = pending, next(it, None)
         pending = load(nxt) if nxt is not None else None  # overlaps the step that reads `batch`
         yield batch
@@ -151,5 +165,5 @@ def c3d_input(batch: dict, stream: str, frame: tuple, window: int, crop: int, me
     return x.flip(1) - mean.to(device).view(1, 3, 1, 1, 1)
 
 
-__all__ = ["STREAMS", "ClipBatches", "c3d_input", "clip_loader", "epoch_order", "mirror_flow_x", "prefetched",
-           "unit_view"]
+__all__ = ["STREAMS", "ClipBatches", "c3d_input", "clip_loader", "dropout_keep", "epoch_order", "mirror_flow_x",
+           "prefetched", "unit_view"]
