@@ -226,11 +226,13 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def info_cmd(shards, as_json):
-    """Summarise a shard set: splits, phases, videos, units, classes, dim, dtype, bytes, shards.
+    """Summarise a shard set or a clip set: splits, phases, videos, units, classes, bytes, shards, and
+    dim and dtype (features) or frame sizes and storage (clips).
 
     \b
-    Example:
+    Examples:
       elr-ingest info data/HMDB51-shards --json | jq '.phases[].videos'
+      elr-ingest info data/HMDB51-clips
     """
     info = call(shard_set_info, shards)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))

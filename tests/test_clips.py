@@ -89,6 +89,25 @@ def test_every_unit_is_stored_as_the_video_gives_it(sample_tree, raw_clips, tmp_
     assert report["checked"]["clips"] == 15
 
 
+def test_info_summarises_a_clip_set(raw_clips):
+    from click.testing import CliRunner
+
+    from ingest.cli import cli as ingest_cli
+
+    done = CliRunner().invoke(ingest_cli, ["info", raw_clips])
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    manifest = load_manifest(raw_clips)
+    tar_mb = sum(s["bytes"] for p in manifest["splits"]["Split1"].values() for s in p["webdataset"]["shards"]) / 1e6
+    assert lines[:3] == [f"clip set   {raw_clips}", f"videos     {manifest['source']['videos']}",
+                         "classes 3, 16-frame clips: HR RGB 37x49 and LR RGB 12x16 (raw), HR and LR flow images 37x49 "
+                         "(dis, bound 20); frames stored as raw"]
+    assert lines[-1] == f"{'total':<22}{9:>8}{0:>9}{15:>9}{'':>9}{6:>8}{tar_mb:>10.1f}"
+    info = json.loads(CliRunner().invoke(ingest_cli, ["info", raw_clips, "--json"]).output)
+    assert info["content"] == "clips" and info["clips"]["storage"] == "raw"
+    assert sum(p["units"] for p in info["phases"]) == 15
+
+
 def test_verify_finds_a_damaged_frame_and_each_reader_refuses_the_other_kind(raw_clips, tmp_path, dask_client,
                                                                              sample_tree):
     damaged = str(tmp_path / "damaged")
