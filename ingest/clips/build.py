@@ -195,7 +195,8 @@ def clip_shard_task(staging: str, shard: dict, jobs: list, cfg: ClipsConfig) -> 
     with TarShardWriter(os.path.join(staging, shard["name"])) as writer:
         for (video_id, key, label), job in zip(shard["videos"], jobs):
             try:
-                info, streams = video_streams(job.path, job.class_name, job.video, cfg.frame_options, raft)
+                info, streams = video_streams(job.path, job.class_name, job.video, cfg.frame_options, raft,
+                                              lr_up=False)  # LR RGB is stored tiny
             except BadVideoError as e:
                 if cfg.on_error == "fail":
                     raise

@@ -97,11 +97,11 @@ def center_crop(frames: np.ndarray, side: int) -> np.ndarray:
     return frames[..., top:top + side, left:left + side, :]
 
 
-def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, raft=None) -> tuple:
+def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, raft=None, lr_up: bool = True) -> tuple:
     """Decode `path` into its four streams before any crop: (info, {stream: uint8 (frames, ...)}), with
     as many frames as its units cover: hr_rgb, lr_rgb (tiny: at opts.lr_size), lr_up (the tiny frames
-    back at the resized size), hr_flow, lr_flow (flow images at the resized size). `raft`: the loaded
-    model for --flow raft."""
+    back at the resized size; lr_up=False: not stacked, for a caller that keeps the tiny ones),
+    hr_flow, lr_flow (flow images at the resized size). `raft`: the loaded model for --flow raft."""
     import cv2
 
     frames = decode_frames(path, class_name, video)
@@ -128,7 +128,8 @@ def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, ra
     streams = {"lr_rgb": padded(tiny[:used])}
     for stream, images in resized.items():
         images = images[: used + 1]  # the frame after the last unit still gives that unit its last flow
-        streams[f"{stream}_rgb" if stream == "hr" else "lr_up"] = padded(images[:used])
+        if stream == "hr" or lr_up:
+            streams["hr_rgb" if stream == "hr" else "lr_up"] = padded(images[:used])
         flow = [flow_to_image(motion * to_full, opts.flow_bound) for motion in consecutive_flows(images, opts, raft)]
         # the last frame has no successor: it repeats the last flow (a one-frame video: no motion)
         streams[f"{stream}_flow"] = padded(flow[:used] or [flow_to_image(np.zeros((h, w, 2), np.float32), opts.flow_bound)])
