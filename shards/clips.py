@@ -235,18 +235,18 @@ class ClipSet:
 
         shard, index, video, u = unit
         entry = self.manifest["splits"][split][phase]["webdataset"]["shards"][shard]
-        rel, path = entry["path"], join_path(self.root, entry["path"])
+        path = join_path(self.root, entry["path"])  # errors name it (a remote one by its URL)
         if self.cache is None:
-            return self._read(mapped_samples(path, rel, skip=index, take=1), rel, split, phase, unit, streams)
+            return self._read(mapped_samples(path, path, skip=index, take=1), path, split, phase, unit, streams)
         with self.cache.open(path, entry["sha256"], entry["bytes"]) as local:
-            return self._read(mapped_samples(local, rel, skip=index, take=1), rel, split, phase, unit, streams)
+            return self._read(mapped_samples(local, path, skip=index, take=1), path, split, phase, unit, streams)
 
-    def _read(self, samples, rel: str, split: str, phase: str, unit: tuple, streams) -> dict:
+    def _read(self, samples, where: str, split: str, phase: str, unit: tuple, streams) -> dict:
         _, index, video, u = unit
         raw = next(samples, None)
         row = self.videos(split, phase)[video]
         if raw is None or raw["__key__"] != unit_key(row["key"], u):
-            raise ShardCorruptError(f"{rel}: sample {index} is not unit {u} of {row['class']}/{row['video']} "
+            raise ShardCorruptError(f"{where}: sample {index} is not unit {u} of {row['class']}/{row['video']} "
                                     "(a shard changed since its manifest was written? elr-ingest verify finds it)")
         out, storage = {"meta": json.loads(bytes(raw["json"]))}, self.clips["storage"]
         for stream in streams:
@@ -254,6 +254,7 @@ class ClipSet:
                 out[stream] = decode_frames(raw[member_name(storage, stream)], stream_storage(storage, stream),
                                             self.shapes[stream])
             except (KeyError, ValueError) as e:
-                raise ShardCorruptError(f"{rel}: key {raw['__key__']}: {stream}: "
-                                        f"{'missing' if isinstance(e, KeyError) else e}") from None
+                raise ShardCorruptError(f"{where}: key {raw['__key__']}: {stream}: "
+                                        f"{'missing' if isinstance(e, KeyError) else e} (a damaged shard: elr-ingest "
+                                        "verify checks every frame)") from None
         return out

@@ -161,6 +161,29 @@ def test_a_remote_clip_set_is_downloaded_once_and_trains_as_the_local_one(demo_c
     assert server.fetched() == fetched  # the next run reads the machine's copies
 
 
+def test_a_damaged_frame_stops_the_run_with_one_line_naming_its_shard(demo_clips, tmp_path):
+    """A frame a loader worker cannot decode: the run stops with one line naming the shard, the unit and
+    the stream (the DataLoader would print the worker's traceback)."""
+    import shutil
+    import tarfile
+
+    clips = str(tmp_path / "clips")
+    shutil.copytree(demo_clips, clips)
+    shard = os.path.join(clips, ClipSet(demo_clips).shards("Split1", ["Train"])[0][1]["path"])
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".hr_rgb.jpgs"))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data + 4 * 16)  # past the 16 frame sizes: frame 0's JPEG start marker
+        f.write(b"\0\0")
+    done = subprocess.run(train(clips, tmp_path / "run", "--epochs", "1", "--workers", "1"), capture_output=True,
+                          text=True, env=ENV, timeout=600)
+    h, w = ClipSet(clips).clips["size"]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: {shard}: key {member.name.split('.')[0]}: hr_rgb: frame 0 is not a {w}x{h} image (a damaged shard: "
+        "elr-ingest verify checks every frame)")
+
+
 def test_mistakes_are_one_line(demo_clips, tmp_path, capsys):
     units = len(ClipSet(demo_clips).units("Split1", "Train"))
     cases = {

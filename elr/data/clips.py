@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from shards.clips import STREAMS, ClipSet
+from shards.errors import ELRError
+
+from .loader import worker_error
 
 LOW = "lr_rgb"  # the one stream stored at its low resolution
 
@@ -114,10 +117,15 @@ class ClipBatches(torch.utils.data.Dataset):
 
 
 def clip_loader(dataset: ClipBatches, start: int, workers: int, pin: bool):
-    """Batches start.. of `dataset` through torch's DataLoader (pinned for a GPU)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
-                                       num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
-                                       persistent_workers=False)
+    """Batches start.. of `dataset` through torch's DataLoader (pinned for a GPU); a damaged shard a
+    worker meets is its one-line error, not the worker's traceback."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                         num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    try:
+        yield from loader
+    except ELRError as e:
+        raise worker_error(e) from None
 
 
 def prefetched(batches, device: torch.device, keys: tuple):
