@@ -87,6 +87,11 @@ def test_weights_file_problems_are_named(tmp_path):
         with pytest.raises(WeightsError) as e:
             load_c3d(str(tmp_path / name))
         assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
+    (tmp_path / "junk.pickle").write_bytes(b"junk\n")  # not a torch.save file at all
+    with pytest.raises(WeightsError) as e:
+        load_c3d(str(tmp_path / "junk.pickle"))
+    assert str(e.value) == f"{tmp_path / 'junk.pickle'}: not a PyTorch state_dict file (torch.load cannot read it)"
+
     def zeros(*shape):  # the shape without the bytes: one element, expanded (saved as it is)
         return torch.zeros(1).expand(*shape)
 

@@ -170,7 +170,9 @@ def load_state_file(path: str, error: type, what: str, mmap: bool = False):
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
     except Exception as e:  # noqa: BLE001 - pickles of whole models, archives of other kinds, garbage
-        raise error(f"{path}: not a PyTorch state_dict file ({' '.join(str(e).split())[:200]})") from None
+        # (garbage is a KeyError of the bytes torch took for a magic number: no words for a user)
+        detail = "torch.load cannot read it" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+        raise error(f"{path}: not a PyTorch state_dict file ({detail})") from None
 
 
 FINE_TUNED = ("crop_size", "pool5", "padding_mode")  # what an elr-train-c3d checkpoint says of how it ran
