@@ -198,6 +198,13 @@ def test_mistakes_are_one_line(demo_clips, tmp_path, capsys):
     for args, line in cases.items():  # each checked before any work or process starts
         assert in_process(train(demo_clips, tmp_path / "run", *args), capsys) == line, args
     assert not os.path.exists(tmp_path / "run")
+    from click.testing import CliRunner
+
+    from train.c3d import build_cli
+
+    shown = CliRunner().invoke(build_cli(), ["--help"], terminal_width=80).output.splitlines()
+    assert "    elr-train-c3d --clips data/HMDB51-clips --streams hr_rgb,lr_rgb --init c3d.pickle --out runs/c3d-rgb" \
+        in shown  # the examples as written, not rewrapped
 
 
 def test_extract_features_runs_a_fine_tuned_checkpoint_as_it_was_trained(demo_clips, whole_run, tmp_path, dask_client):

@@ -47,7 +47,7 @@ try:
     from shards.lock import OutputFolder
     from shards.manifest import manifest_digest
     from shards.progress import Progress
-    from train.config import check_same_trajectory, config_options, flag, option
+    from train.config import check_same_trajectory, command_help, config_options, flag, option
     from train.launch import elastic_run, guarded
     from train.startup import agree, start_process
 except ModuleNotFoundError as e:  # run from a checkout that was never installed
@@ -428,7 +428,7 @@ def build_cli():
                        f"{os.path.join(cfg.out, 'best.pt')}", err=True)
 
     return click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-                         help=__doc__)(config_options(command, C3DTrainConfig))
+                         help=command_help(__doc__))(config_options(command, C3DTrainConfig))
 
 
 def main(argv=None):

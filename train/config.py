@@ -101,6 +101,12 @@ def check_same_trajectory(path: str, old: dict, new: dict, keys) -> None:
                               + " (use the same options, or another --out)")
 
 
+def command_help(doc: str) -> str:
+    """A module docstring as a command's --help: its "examples:" block kept as written (click rewraps
+    every paragraph not marked with \\b)."""
+    return doc.replace("\nexamples:\n", "\n\b\nexamples:\n", 1)
+
+
 def config_options(command, config=None):
     """A click option for every field of `config` (a dataclass made of option() fields; TrainConfig by
     default), with its help and extra spellings."""

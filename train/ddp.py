@@ -37,7 +37,7 @@ try:
     from shards.progress import Progress
     from shards.schema import LR
     from shards.shardset import ShardSet
-    from train.config import TrainConfig, config_options
+    from train.config import TrainConfig, command_help, config_options
     from train.launch import guarded, launch_local
     from train.startup import Setup, agree, claim_run_folder, launch_id, preflight, resume_decision, setup_process
     from train.startup import train_phases
@@ -281,7 +281,7 @@ def _worker(config: dict):
     return exit_on_error(lambda: guarded(functools.partial(train, folder_held=True), cfg))
 
 
-@click.command("elr-train", help=__doc__.replace("\nexamples:\n", "\n\b\nexamples:\n", 1),
+@click.command("elr-train", help=command_help(__doc__),
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @config_options
 def cli(**options):
