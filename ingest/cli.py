@@ -53,9 +53,9 @@ dask_workers_option = click.option(
 scheduler_option = click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://head:8786.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 # what extract-features and build-clips share: which videos, and how their flow is computed
-splits_option = click.option(
-    "--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
-    help="Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits).")
+SPLITS_HELP = "Folder of HMDB51's split files <class>_test_split<K>.txt (testTrainMulti_7030_splits)."
+splits_option = click.option("--splits", "splits_dir", required=True, type=click.Path(exists=True, file_okay=False),
+                             help=SPLITS_HELP)
 split_option = click.option("--split", default=1, show_default=True, type=click.IntRange(1, 3),
                             help="Which of HMDB51's splits.")
 validation_option = click.option(
@@ -239,8 +239,13 @@ def info_cmd(shards, as_json):
 
 
 @cli.command("extract-features")
-@click.argument("videos", type=click.Path(exists=True, file_okay=False))
-@splits_option
+@click.argument("videos", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--splits", "splits_dir", type=click.Path(exists=True, file_okay=False),
+              help=SPLITS_HELP + " [required with VIDEOS]")
+@click.option("--clips", type=click.Path(exists=True, file_okay=False),
+              help="Read each video's clips from this clip set (build-clips) instead of VIDEOS: nothing decoded, no "
+                   "flow computed again; its split, validation, LR size, flow and crop size are the set's. From "
+                   "--storage raw clips the features equal those from the videos bit for bit.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Root of the feature tree, e.g. data/HMDB51.")
 @split_option
 @validation_option
@@ -287,7 +292,8 @@ def info_cmd(shards, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace this split's features in --out (a job: its share).")
 @quiet_option
 def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, finish, **options):
-    """Compute the seed's four C3D feature streams from VIDEOS (HMDB51's <class>/<video>.avi layout).
+    """Compute the seed's four C3D feature streams from VIDEOS (HMDB51's <class>/<video>.avi layout),
+    or from the clips a clip set holds (--clips: build-clips stored them from the videos).
 
     Writes OUT/Split<K>/{Train,Validation,Test}_{hr,lr}[_optfl]_features/<class>/<video>.npy,
     float32 [units, 4096], one unit per 16 frames (at least 1), and OUT/features.json (options,
@@ -312,6 +318,8 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
           --out data/HMDB51 --c3d-weights c3d.pickle --split 2 --device cuda --workers 12
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
       elr-ingest extract-features ... --resume          # after an interruption
+      elr-ingest extract-features --clips data/HMDB51-clips --out data/HMDB51 \
+          --c3d-weights runs/c3d-rgb/best.pt --c3d-flow-weights runs/c3d-flow/best.pt   # from build-clips' clips
 
     \b
     Many GPUs or machines, each video exactly once (the tree equals one job's, byte for byte):
@@ -325,6 +333,7 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
     from ingest.c3d.extract import ExtractConfig, extract_features
     from ingest.c3d.jobs import run_as_ranks
 
+    check_source(videos, splits_dir, options["clips"])
     ranks = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not finish
     if job_index is None:
         job_index = job_index_from_env()
@@ -343,6 +352,22 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
     skipped = len(record["skipped"])
     click.echo(f"wrote {len(record['videos'])} videos x 4 streams ({phases}) under {out}/Split{cfg.split}"
                + (f"; {skipped} skipped, listed in features.json" if skipped else ""), err=True)
+
+
+def check_source(videos, splits_dir, clips) -> None:
+    """VIDEOS with --splits, or --clips and none of the options a clip set fixes (one Error line)."""
+    if not clips:
+        if not videos or not splits_dir:
+            raise click.ClickException("give VIDEOS and --splits (the videos and HMDB51's split files), or --clips "
+                                       "CLIPS (a clip set build-clips made from them)")
+        return
+    if videos or splits_dir:
+        raise click.ClickException(f"--clips {clips} replaces VIDEOS and --splits: give one or the other")
+    ctx = click.get_current_context()
+    for name in ("split", "validation", "lr_size", "flow", "flow_bound", "raft_weights"):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.ClickException(f"--{name.replace('_', '-')}: with --clips the clip set's own is used "
+                                       "(build-clips fixed it when it computed the frames and flow)")
 
 
 @cli.command("build-clips")

@@ -35,7 +35,8 @@ step extract-cuda 150 bash -c "elr-ingest make-demo-videos $V --classes 4 --trai
 # the seed's step 2 on the GPU: clips built, C3D fine-tuned in bf16 with channels_last_3d, its best.pt extracting
 step c3d-finetune-cuda 150 bash -c "elr-ingest build-clips $V/videos --splits $V/splits --out $V/clips --crop-size 32 -q \
   && elr-train-c3d --clips $V/clips --random-c3d 0 --out $V/c3d --epochs 2 --batch-size 8 --device $DEV -q \
-  && elr-ingest extract-features $V/videos --splits $V/splits --out $V/F3 --c3d-weights $V/c3d/best.pt --device $DEV -q"
+  && elr-ingest extract-features $V/videos --splits $V/splits --out $V/F3 --c3d-weights $V/c3d/best.pt --device $DEV -q \
+  && elr-ingest extract-features --clips $V/clips --out $V/F4 --c3d-weights $V/c3d/best.pt --device $DEV -q"
 [ "$DEV" = cpu ] && exit 0
 step bench-c3d-train 150 python3 -m bench.c3d_train --device $DEV --batch 16 --steps 10 --loader-workers 4
 step bench-train 150 python3 -m bench.train --device $DEV --amp bf16 --steps 60 --rounds 3

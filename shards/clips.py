@@ -230,6 +230,15 @@ class ClipSet:
             self._units[(split, phase)] = units
         return self._units[(split, phase)]
 
+    def video_units(self, split: str, phase: str, video: int) -> list:
+        """The units of the phase's `video`-th video (its sample-table row), in order."""
+        key = (split, phase, "starts")
+        if key not in self._units:  # where each video's units begin in units(): they are consecutive
+            counts = [row["units"] for row in self.videos(split, phase)]
+            self._units[key] = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        start, end = self._units[key][video], self._units[key][video + 1]
+        return self.units(split, phase)[start:end]
+
     def read(self, split: str, phase: str, unit: tuple, streams=STREAMS) -> dict:
         from .tario import mapped_samples
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import kill_after
+from conftest import FAST, features_of, kill_after
 from ingest.clips.build import ClipsConfig, build_clips
 from ingest.videos.frames import FrameOptions, video_streams
 from shards.clips import STREAMS, ClipSet
@@ -87,6 +87,43 @@ def test_every_unit_is_stored_as_the_video_gives_it(sample_tree, raw_clips, tmp_
     report = verify_shards(jpeg, client=dask_client, progress=False)
     assert report["ok"] and report["checked"]["tar_shards"] == 6 and report["checked"]["samples"] == 9, report
     assert report["checked"]["clips"] == 15
+
+
+def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos(sample_tree, extracted, tmp_path,
+                                                                                  dask_client):
+    """--clips: no video decoded, no flow computed again; from raw clips the tree is the videos' tree,
+    byte for byte. The options a clip set fixes are refused with it, one line each."""
+    from click.testing import CliRunner
+
+    from ingest.c3d.extract import ExtractConfig, extract_features
+    from ingest.cli import cli as ingest_cli
+
+    root, _ = sample_tree
+    clips = str(tmp_path / "clips16")
+    build_clips(f"{root}/videos", f"{root}/splits", ClipsConfig(out=clips, side=FAST["side"], storage="raw",
+                                                                 min_shards=2, progress=False), client=dask_client)
+    out = str(tmp_path / "HMDB51")
+    record = extract_features(None, None, out, ExtractConfig(**{**FAST, "side": None}, clips=clips), client=dask_client)
+    videos_out, videos_record = extracted
+    assert features_of(out) == features_of(videos_out) and len(features_of(out)) == 4 * 9
+    assert record["inputs"] == {"clips": clips, "clips_digest": record["clips_digest"]}
+    assert {k: record[k] for k in ("side", "flow", "flow_bound", "lr_size", "validation", "pool5")} == \
+        {k: videos_record[k] for k in ("side", "flow", "flow_bound", "lr_size", "validation", "pool5")}
+    assert record["phases"] == videos_record["phases"]
+
+    def one_line(*args) -> str:
+        done = CliRunner().invoke(ingest_cli, ["extract-features", *args, "--out", str(tmp_path / "x"), "--random-c3d", "0"])
+        assert done.exit_code == 1 and len(done.output.strip().splitlines()) == 1, done.output
+        return done.output.strip()
+
+    assert one_line("--clips", clips, "--flow", "farneback") == (
+        "Error: --flow: with --clips the clip set's own is used (build-clips fixed it when it computed the frames and flow)")
+    assert one_line(f"{root}/videos", "--clips", clips) == f"Error: --clips {clips} replaces VIDEOS and --splits: give one or the other"
+    assert one_line(f"{root}/videos") == ("Error: give VIDEOS and --splits (the videos and HMDB51's split files), or "
+                                          "--clips CLIPS (a clip set build-clips made from them)")
+    assert one_line("--clips", clips, "--crop-size", "32") == \
+        f"Error: --crop-size 32: the clip set {clips} holds frames for --crop-size 16"
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_info_summarises_a_clip_set(raw_clips):

@@ -30,6 +30,7 @@ from ingest.videos.splits import PHASE_OF_LABEL, checked_plan
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, WeightsError, load_c3d, random_c3d, weights_conventions
 from .jobs import balanced_share, finish_jobs, header_frame_counts
+from .sources import clip_set_options, plan_source, source_inputs
 from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
                    read_features_json)
@@ -57,6 +58,7 @@ class ExtractConfig:
     workers: int = 0  # local dask worker processes for decoding and flow (0: one per core)
     scheduler: str | None = None  # a dask.distributed scheduler address instead of local workers
     c3d_workers: int = 0  # local workers with a GPU resource each, running C3D themselves (one per GPU)
+    clips: str | None = None  # a clip set (build-clips) to read the clips from instead of the videos (sources.py)
     num_jobs: int = 1  # independent jobs sharing the split (jobs.py); each runs with its job_index
     job_index: int = 0
     finish: bool = False  # check the num_jobs jobs' journals and write features.json
@@ -67,6 +69,8 @@ class ExtractConfig:
     resolved: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        if self.clips:
+            self.adopt_clip_set()
         if self.split not in (1, 2, 3):
             raise ValueError(f"--split must be 1, 2 or 3 (HMDB51's three splits), got {self.split}")
         if self.validation not in ("label0", "none"):
@@ -101,6 +105,26 @@ class ExtractConfig:
         if self.finish and (self.num_jobs < 2 or self.resume or self.overwrite):
             raise ValueError("--finish checks the journals of --num-jobs N > 1 jobs; without --resume or --overwrite")
 
+    def adopt_clip_set(self) -> None:
+        """--clips: the split, validation, LR size and flow the clip set was built with, and its crop side
+        (a fine-tuned --c3d-weights must have been trained at it)."""
+        found = clip_set_options(self.clips)
+        side = found.pop("side")
+        if self.num_jobs > 1 or self.finish:
+            raise ValueError("--num-jobs: with --clips run one job (no video is decoded and no flow computed: C3D "
+                             "is the work; --device cuda, or --c3d-workers N for N GPUs)")
+        if self.side is not None and self.side != side:
+            raise ValueError(f"--crop-size {self.side}: the clip set {self.clips} holds frames for --crop-size {side}")
+        for path in dict.fromkeys(p for p in (self.c3d_weights, self.c3d_flow_weights) if p and self.random_c3d is None):
+            trained = weights_conventions(path)
+            if trained is not None and trained["crop_size"] != side:
+                raise ValueError(f"--clips {self.clips} holds frames for --crop-size {side}; {path} was fine-tuned with "
+                                 f"--crop-size {trained['crop_size']} (build the clips with --crop-size "
+                                 f"{trained['crop_size']})")
+        for option, value in found.items():
+            setattr(self, option, value)
+        self.side = side
+
     def adopt_weights_conventions(self) -> None:
         """--crop-size and --pool5 from C3Ds fine-tuned by elr-train-c3d (their checkpoints say how they
         ran), else 112 and caffe; a value given that differs from a checkpoint's is refused, naming it."""
@@ -127,6 +151,8 @@ class ExtractConfig:
         options = {k: v for k, v in asdict(self).items() if k in keep}
         options["lr_size"] = list(self.lr_size)
         options["channels"] = CHANNELS  # the order frames reach C3D in (older trees: RGB, unrecorded)
+        if self.clips:  # the clip set decides the frames: a --resume over another one is refused
+            options["clips_digest"] = source_inputs(None, None, self)["clips_digest"]
         return {**options, **self.resolved}
 
 
@@ -163,8 +189,9 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
     if cfg.finish:
         plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
         split = f"Split{cfg.split}"
+        inputs = source_inputs(videos, splits, cfg)
         return finish_jobs(out, split, plan, cfg,
-                           lambda header, entries, timing: write_record(videos, splits, out, plan, header, entries, timing))
+                           lambda header, entries, timing: write_record(inputs, out, plan, header, entries, timing))
     if cfg.num_jobs > 1:
         journal = Journal(out, f"Split{cfg.split}", (cfg.job_index, cfg.num_jobs))
         command = f"extract-features --job-index {cfg.job_index}"
@@ -251,10 +278,13 @@ def c3d_on_workers(client, todo, networks, weights, cfg, t0: float) -> tuple:
 def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> dict:
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
-    plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
+    plan = plan_source(videos, splits, cfg)
+    for warning in plan.warnings if cfg.clips else ():  # (checked_plan prints the videos' own)
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     jobs = plan.jobs
     mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
-    check_method(cfg.flow, cfg.raft_weights)
+    if not cfg.clips:  # (a clip set's flow was computed when it was built)
+        check_method(cfg.flow, cfg.raft_weights)
     networks, weights = load_networks(cfg)
     with ExitStack() as held:
         # C3D runs here, or on the workers where they declare GPUs (or --c3d-workers started them); a
@@ -318,7 +348,7 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
         journal.append({"finished": timing})
         return {"job": cfg.job_index, "num_jobs": cfg.num_jobs, "videos": len(mine), **timing}
     _, entries = journal.read()
-    record = write_record(videos, splits, out, plan, header, entries, timing)
+    record = write_record(source_inputs(videos, splits, cfg), out, plan, header, entries, timing)
     remove_quietly(journal.path)
     return record
 
@@ -338,17 +368,18 @@ def start_over(out: str, split: str, num_jobs: int) -> None:
         remove_quietly(path)
 
 
-def write_record(videos: str, splits: str, out: str, plan, header: dict, entries: list, timing: dict) -> dict:
-    """Write this split's record into features.json (under the output's lock); returns it."""
+def write_record(inputs: dict, out: str, plan, header: dict, entries: list, timing: dict) -> dict:
+    """Write this split's record into features.json (under the output's lock); returns it. `inputs`:
+    the video and split folders, or the clip set (sources.source_inputs)."""
     skipped = {e["id"]: e["skipped"] for e in entries if "skipped" in e}
     written = [j for j in plan.jobs if j.id not in skipped]
     record = {
         **{k: v for k, v in header.items() if k != "job"},
-        "versions": library_versions(), "inputs": {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)},
+        "versions": library_versions(), "inputs": inputs,
         "classes": sorted({job.class_name for job in plan.jobs}),
         "phases": {p: n for p in PHASE_OF_LABEL.values() if (n := sum(j.phase == p for j in written))},
         "videos": {e["id"]: {k: v for k, v in e.items() if k != "id"} for e in entries if "skipped" not in e},
-        "skipped": {**skipped, **{os.path.relpath(p, videos): f"{p}: {m}" for p, m in plan.problems}},
+        "skipped": {**skipped, **{os.path.relpath(p, inputs["videos"]): f"{p}: {m}" for p, m in plan.problems}},
         "unused": plan.unused,
         "warnings": plan.warnings,
         "last_run": timing,  # this invocation (a resumed run: its part; --finish: the jobs')

@@ -12,6 +12,8 @@ from shards.parallel import drain_workers
 
 from ingest.videos.frames import prepare_video
 
+from .sources import ClipJob, prepare_from_clips
+
 def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
     """Dask task: one video's clips, or the BadVideoError that says why not (a value: the caller skips
     the video or stops).
@@ -21,6 +23,8 @@ def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cor
     cv2.setNumThreads(1)  # one video per worker process; the C3D process needs the cores too
     if shares_cores:
         _lower_priority()
+    if isinstance(job, ClipJob):  # read from a clip set (extract-features --clips)
+        return prepare_from_clips(job, frame_options.side)
     raft = None
     if frame_options.flow == "raft":
         raft = cached_raft(raft_weights, device)

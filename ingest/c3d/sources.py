@@ -1,0 +1,92 @@
+"""Where extract-features takes each video's clips from: the videos themselves (decoded, resized, their
+flow computed: ingest.videos.frames), or a clip set that build-clips stored from them (`--clips`).
+
+From a clip set nothing is decoded from the videos and no flow is computed again: each video's units
+are read from its shards, the LR frames upsampled and every stream center-cropped as prepare_video
+does. From a set stored raw (`build-clips --storage raw`) the clips, and so the features, equal those
+made from the videos bit for bit; from JPEG frames they differ by JPEG's error (the frames the
+fine-tuned network saw in training).
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ingest.videos.frames import CLIP_FRAMES, PreparedVideo, center_crop
+from ingest.videos.splits import VideoJob, VideoPlan, checked_plan
+
+CLIP_SET_OPTIONS = ("split", "validation", "lr_size", "flow", "flow_bound")  # what a clip set fixes
+
+
+@dataclass(frozen=True)
+class ClipJob(VideoJob):
+    """A video of a clip set: `path` is the set's folder, `index` its row in the phase's sample table."""
+    split: str = "Split1"
+    index: int = 0
+    units: int = 1
+    frames: int = CLIP_FRAMES  # as decoded when the clips were built (what job balancing weighs)
+
+
+def clip_set_options(clips: str) -> dict:
+    """The options a clip set was built with, as ExtractConfig names them, and its crop side."""
+    from shards.clips import ClipSet
+
+    if "://" in clips:
+        raise ValueError(f"--clips {clips}: extract-features reads a local clip set (copy it first)")
+    options = ClipSet(clips).manifest["options"]
+    return {"split": options["split"], "validation": options["validation"], "lr_size": tuple(options["lr_size"]),
+            "flow": options["flow"], "flow_bound": options["flow_bound"], "side": options["side"]}
+
+
+def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
+    """The videos of the split, in plan order (class, then video): from the split files and the video
+    folder, or from the clip set's sample tables (videos build-clips skipped are warned about)."""
+    if not cfg.clips:
+        return checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
+    from shards.clips import ClipSet
+
+    clips, split = ClipSet(cfg.clips), f"Split{cfg.split}"
+    jobs, warnings = [], []
+    for phase in clips.phases(split):
+        for index, row in enumerate(clips.videos(split, phase)):
+            jobs.append(ClipJob(row["class"], row["video"], clips.root, phase, split, index, row["units"],
+                                row.get("frames", row["units"] * CLIP_FRAMES)))
+        warnings += [f"{s['class']}/{s['video']}: skipped by build-clips ({s['reason']})"
+                     for s in clips.manifest["splits"][split][phase]["skipped"]]
+    source = clips.manifest["source"]
+    return VideoPlan(sorted(jobs, key=lambda j: (j.class_name, j.video)), [], source.get("unused", []),
+                     source.get("warnings", []) + warnings)
+
+
+def source_inputs(videos: str | None, splits: str | None, cfg) -> dict:
+    """features.json's "inputs": the video and split folders, or the clip set (and its manifest's digest)."""
+    if not cfg.clips:
+        return {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)}
+    from shards.clips import ClipSet
+    from shards.manifest import manifest_digest
+
+    return {"clips": os.path.abspath(cfg.clips), "clips_digest": manifest_digest(ClipSet(cfg.clips).manifest)}
+
+
+_SETS = {}  # clip set folder -> ClipSet, opened once per process (a dask worker prepares many videos)
+
+
+def prepare_from_clips(job: ClipJob, side: int) -> PreparedVideo:
+    """One video's four center-cropped clip stacks, read from its clip set."""
+    import cv2
+
+    from shards.clips import STREAMS, ClipSet
+
+    clips = _SETS.get(job.path) or _SETS.setdefault(job.path, ClipSet(job.path))
+    h, w = clips.clips["size"]
+    stacks = {s: [] for s in STREAMS}
+    for unit in clips.video_units(job.split, job.phase, job.index):
+        sample = clips.read(job.split, job.phase, unit)
+        for s in STREAMS:
+            frames = sample[s]
+            if s == "lr_rgb":  # stored tiny: back at the frame size as extract-features upsamples them
+                frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in frames])
+            stacks[s].append(center_crop(frames, side))
+    prepared = {s: np.ascontiguousarray(np.stack(v)) for s, v in stacks.items()}
+    return PreparedVideo(job.class_name, job.video, prepared, {"frames": job.frames, "units": job.units}, job)
