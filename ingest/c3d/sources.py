@@ -8,6 +8,7 @@ made from the videos bit for bit; from JPEG frames they differ by JPEG's error (
 fine-tuned network saw in training).
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -28,13 +29,28 @@ class ClipJob(VideoJob):
     frames: int = CLIP_FRAMES  # as decoded when the clips were built (what job balancing weighs)
 
 
-def clip_set_options(clips: str) -> dict:
-    """The options a clip set was built with, as ExtractConfig names them, and its crop side."""
+def open_clip_set(root: str):
+    """The clip set at `root`, opened once per process and manifest (a dask worker prepares many of its
+    videos, and outlives a run when the cluster is not the run's: a set rebuilt there is opened again)."""
+    try:
+        st = os.stat(os.path.join(root, "manifest.json"))
+    except OSError:
+        return _opened(root, 0, 0)  # ClipSet says what is missing
+    return _opened(os.path.abspath(root), st.st_ino, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _opened(root: str, inode: int, mtime_ns: int):
     from shards.clips import ClipSet
 
+    return ClipSet(root)
+
+
+def clip_set_options(clips: str) -> dict:
+    """The options a clip set was built with, as ExtractConfig names them, and its crop side."""
     if "://" in clips:
         raise ValueError(f"--clips {clips}: extract-features reads a local clip set (copy it first)")
-    options = ClipSet(clips).manifest["options"]
+    options = open_clip_set(clips).manifest["options"]
     return {"split": options["split"], "validation": options["validation"], "lr_size": tuple(options["lr_size"]),
             "flow": options["flow"], "flow_bound": options["flow_bound"], "side": options["side"]}
 
@@ -44,9 +60,7 @@ def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
     folder, or from the clip set's sample tables (videos build-clips skipped are warned about)."""
     if not cfg.clips:
         return checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
-    from shards.clips import ClipSet
-
-    clips, split = ClipSet(cfg.clips), f"Split{cfg.split}"
+    clips, split = open_clip_set(cfg.clips), f"Split{cfg.split}"
     jobs, warnings = [], []
     for phase in clips.phases(split):
         for index, row in enumerate(clips.videos(split, phase)):
@@ -63,22 +77,18 @@ def source_inputs(videos: str | None, splits: str | None, cfg) -> dict:
     """features.json's "inputs": the video and split folders, or the clip set (and its manifest's digest)."""
     if not cfg.clips:
         return {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)}
-    from shards.clips import ClipSet
     from shards.manifest import manifest_digest
 
-    return {"clips": os.path.abspath(cfg.clips), "clips_digest": manifest_digest(ClipSet(cfg.clips).manifest)}
-
-
-_SETS = {}  # clip set folder -> ClipSet, opened once per process (a dask worker prepares many videos)
+    return {"clips": os.path.abspath(cfg.clips), "clips_digest": manifest_digest(open_clip_set(cfg.clips).manifest)}
 
 
 def prepare_from_clips(job: ClipJob, side: int) -> PreparedVideo:
     """One video's four center-cropped clip stacks, read from its clip set."""
     import cv2
 
-    from shards.clips import STREAMS, ClipSet
+    from shards.clips import STREAMS
 
-    clips = _SETS.get(job.path) or _SETS.setdefault(job.path, ClipSet(job.path))
+    clips = open_clip_set(job.path)
     h, w = clips.clips["size"]
     stacks = {s: [] for s in STREAMS}
     for unit in clips.video_units(job.split, job.phase, job.index):
