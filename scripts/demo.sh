@@ -44,6 +44,6 @@ elr-ingest build-clips "$V/videos" --splits "$V/splits" --out "$V/clips" --crop-
 elr-ingest verify "$V/clips"
 # --no-flip: a mirror turns the demo's "slide right" into its "slide left"
 elr-train-c3d --clips "$V/clips" --random-c3d 0 --out "$V/c3d-rgb" --epochs 2 --batch-size 8 --no-flip -q
-elr-ingest extract-features "$V/videos" --splits "$V/splits" --out "$V/HMDB51-tuned" \
-  --c3d-weights "$V/c3d-rgb/best.pt" --flow-bound 4
+# from the clips build-clips stored: no video decoded, no flow computed again
+elr-ingest extract-features --clips "$V/clips" --out "$V/HMDB51-tuned" --c3d-weights "$V/c3d-rgb/best.pt"
 echo "C3D fine-tuning curves: $V/c3d-rgb/curves.png   metrics: $V/c3d-rgb/metrics.jsonl"
