@@ -279,8 +279,6 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
     t0 = time.perf_counter()
     split = f"Split{cfg.split}"
     plan = plan_source(videos, splits, cfg)
-    for warning in plan.warnings if cfg.clips else ():  # (checked_plan prints the videos' own)
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     jobs = plan.jobs
     mine = jobs if cfg.num_jobs == 1 else balanced_share(jobs, cfg.num_jobs, cfg.job_index)
     if not cfg.clips:  # (a clip set's flow was computed when it was built)

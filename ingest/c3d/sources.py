@@ -10,6 +10,7 @@ fine-tuned network saw in training).
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,8 @@ def clip_set_options(clips: str) -> dict:
 
 def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
     """The videos of the split, in plan order (class, then video): from the split files and the video
-    folder, or from the clip set's sample tables (videos build-clips skipped are warned about)."""
+    folder, or from the clip set's sample tables; either way its warnings are printed (videos
+    build-clips skipped among them)."""
     if not cfg.clips:
         return checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
     clips, split = open_clip_set(cfg.clips), f"Split{cfg.split}"
@@ -69,8 +71,10 @@ def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
         warnings += [f"{s['class']}/{s['video']}: skipped by build-clips ({s['reason']})"
                      for s in clips.manifest["splits"][split][phase]["skipped"]]
     source = clips.manifest["source"]
-    return VideoPlan(sorted(jobs, key=lambda j: (j.class_name, j.video)), [], source.get("unused", []),
-                     source.get("warnings", []) + warnings)
+    warnings = source.get("warnings", []) + warnings
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return VideoPlan(sorted(jobs, key=lambda j: (j.class_name, j.video)), [], source.get("unused", []), warnings)
 
 
 def source_inputs(videos: str | None, splits: str | None, cfg) -> dict:
