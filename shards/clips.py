@@ -218,26 +218,27 @@ class ClipSet:
         """The phase's sample-table rows (key, label, units, class, video, shard), in table order."""
         return self.manifest["splits"][split][phase]["samples"]
 
-    def units(self, split: str, phase: str) -> list:
+    def _index(self, split: str, phase: str) -> tuple:
+        """(units, starts): the phase's units in table order, and where each video's (consecutive) begin."""
         if (split, phase) not in self._units:
             entry = self.manifest["splits"][split][phase]
             shard_of = {os.path.basename(s["path"]): i for i, s in enumerate(entry["webdataset"]["shards"])}
-            units, at = [], Counter()
+            units, starts, at = [], [], Counter()
             for v, row in enumerate(entry["samples"]):
                 shard = shard_of[row["shard"]]
+                starts.append(len(units))
                 units += [(shard, at[shard] + u, v, u) for u in range(row["units"])]
                 at[shard] += row["units"]
-            self._units[(split, phase)] = units
+            self._units[(split, phase)] = units, starts + [len(units)]
         return self._units[(split, phase)]
+
+    def units(self, split: str, phase: str) -> list:
+        return self._index(split, phase)[0]
 
     def video_units(self, split: str, phase: str, video: int) -> list:
         """The units of the phase's `video`-th video (its sample-table row), in order."""
-        key = (split, phase, "starts")
-        if key not in self._units:  # where each video's units begin in units(): they are consecutive
-            counts = [row["units"] for row in self.videos(split, phase)]
-            self._units[key] = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        start, end = self._units[key][video], self._units[key][video + 1]
-        return self.units(split, phase)[start:end]
+        units, starts = self._index(split, phase)
+        return units[starts[video]:starts[video + 1]]
 
     def read(self, split: str, phase: str, unit: tuple, streams=STREAMS) -> dict:
         from .tario import mapped_samples

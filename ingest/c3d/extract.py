@@ -30,7 +30,7 @@ from ingest.videos.splits import PHASE_OF_LABEL, checked_plan
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, WeightsError, load_c3d, random_c3d, weights_conventions
 from .jobs import balanced_share, finish_jobs, header_frame_counts
-from .sources import clip_set_options, plan_source, source_inputs
+from .sources import clip_set_digest, clip_set_options, plan_source, source_inputs
 from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
                    read_features_json)
@@ -152,7 +152,7 @@ class ExtractConfig:
         options["lr_size"] = list(self.lr_size)
         options["channels"] = CHANNELS  # the order frames reach C3D in (older trees: RGB, unrecorded)
         if self.clips:  # the clip set decides the frames: a --resume over another one is refused
-            options["clips_digest"] = source_inputs(None, None, self)["clips_digest"]
+            options["clips_digest"] = clip_set_digest(self.clips)
         return {**options, **self.resolved}
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ingest.videos.frames import CLIP_FRAMES, PreparedVideo, center_crop
+from ingest.videos.frames import CLIP_FRAMES, PreparedVideo, clip_stacks, upsample_lr
 from ingest.videos.splits import VideoJob, VideoPlan, checked_plan
 
 CLIP_SET_OPTIONS = ("split", "validation", "lr_size", "flow", "flow_bound")  # what a clip set fixes
@@ -68,7 +68,7 @@ def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
         for index, row in enumerate(clips.videos(split, phase)):
             jobs.append(ClipJob(row["class"], row["video"], clips.root, phase, split, index, row["units"],
                                 row.get("frames", row["units"] * CLIP_FRAMES)))
-        warnings += [f"{s['class']}/{s['video']}: skipped by build-clips ({s['reason']})"
+        warnings += [f"{s['path']}: skipped by build-clips ({s['reason']})"  # (a video, or a split-file problem)
                      for s in clips.manifest["splits"][split][phase]["skipped"]]
     source = clips.manifest["source"]
     warnings = source.get("warnings", []) + warnings
@@ -77,30 +77,29 @@ def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
     return VideoPlan(sorted(jobs, key=lambda j: (j.class_name, j.video)), [], source.get("unused", []), warnings)
 
 
+def clip_set_digest(clips: str) -> str:
+    """The clip set's identity (its manifest's digest): features.json records it, --resume compares it."""
+    from shards.manifest import manifest_digest
+
+    return manifest_digest(open_clip_set(clips).manifest)
+
+
 def source_inputs(videos: str | None, splits: str | None, cfg) -> dict:
     """features.json's "inputs": the video and split folders, or the clip set (and its manifest's digest)."""
     if not cfg.clips:
         return {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)}
-    from shards.manifest import manifest_digest
-
-    return {"clips": os.path.abspath(cfg.clips), "clips_digest": manifest_digest(open_clip_set(cfg.clips).manifest)}
+    return {"clips": os.path.abspath(cfg.clips), "clips_digest": clip_set_digest(cfg.clips)}
 
 
 def prepare_from_clips(job: ClipJob, side: int) -> PreparedVideo:
-    """One video's four center-cropped clip stacks, read from its clip set."""
-    import cv2
-
+    """One video's four center-cropped clip stacks, read from its clip set: its units' frames end to
+    end, the tiny LR ones upsampled, then cropped and cut as prepare_video does (clip_stacks)."""
     from shards.clips import STREAMS
 
     clips = open_clip_set(job.path)
-    h, w = clips.clips["size"]
-    stacks = {s: [] for s in STREAMS}
-    for unit in clips.video_units(job.split, job.phase, job.index):
-        sample = clips.read(job.split, job.phase, unit)
-        for s in STREAMS:
-            frames = sample[s]
-            if s == "lr_rgb":  # stored tiny: back at the frame size as extract-features upsamples them
-                frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in frames])
-            stacks[s].append(center_crop(frames, side))
-    prepared = {s: np.ascontiguousarray(np.stack(v)) for s, v in stacks.items()}
-    return PreparedVideo(job.class_name, job.video, prepared, {"frames": job.frames, "units": job.units}, job)
+    samples = [clips.read(job.split, job.phase, unit) for unit in clips.video_units(job.split, job.phase, job.index)]
+    streams = {s: np.concatenate([sample[s] for sample in samples]) for s in STREAMS}
+    size = tuple(clips.clips["size"])
+    streams["lr_rgb"] = np.stack([upsample_lr(frame, size) for frame in streams["lr_rgb"]])
+    return PreparedVideo(job.class_name, job.video, clip_stacks(streams, job.units, side),
+                         {"frames": job.frames, "units": job.units}, job)

@@ -14,6 +14,7 @@ from ingest.videos.frames import prepare_video
 
 from .sources import ClipJob, prepare_from_clips
 
+
 def prepare_task(job, frame_options, raft_weights=None, device="cpu", shares_cores=False):
     """Dask task: one video's clips, or the BadVideoError that says why not (a value: the caller skips
     the video or stops).

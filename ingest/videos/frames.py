@@ -97,6 +97,20 @@ def center_crop(frames: np.ndarray, side: int) -> np.ndarray:
     return frames[..., top:top + side, left:left + side, :]
 
 
+def upsample_lr(tiny: np.ndarray, size: tuple) -> np.ndarray:
+    """An LR frame (lr_h, lr_w, 3) back at the frame size (h, w): what C3D's LR streams see."""
+    import cv2
+
+    return cv2.resize(tiny, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def clip_stacks(streams: dict, units: int, side: int) -> dict:
+    """{stream: uint8 (units, 16, side, side, 3)} of the four streams' frames at the frame size (LR RGB
+    upsampled), center-cropped and cut into units: what C3D reads."""
+    shape = (units, CLIP_FRAMES, side, side, 3)
+    return {name: np.ascontiguousarray(center_crop(streams[name], side)).reshape(shape) for name in STREAM_ORDER}
+
+
 def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, raft=None, lr_up: bool = True) -> tuple:
     """Decode `path` into its four streams before any crop: (info, {stream: uint8 (frames, ...)}), with
     as many frames as its units cover: hr_rgb, lr_rgb (tiny: at opts.lr_size), lr_up (the tiny frames
@@ -115,7 +129,7 @@ def video_streams(path: str, class_name: str, video: str, opts: FrameOptions, ra
         shrink = frame.shape[0] >= h and frame.shape[1] >= w
         resized["hr"].append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
         tiny.append(cv2.resize(frame, (lr_w, lr_h), interpolation=cv2.INTER_AREA))
-        resized["lr"].append(cv2.resize(tiny[-1], (w, h), interpolation=cv2.INTER_LINEAR))
+        resized["lr"].append(upsample_lr(tiny[-1], (h, w)))
     n = len(tiny)
     units = max(1, n // CLIP_FRAMES)
     used = units * CLIP_FRAMES  # frames the units cover (a short video: its frames, then repeats of the last)
@@ -140,9 +154,7 @@ def prepare_video(path: str, class_name: str, video: str, opts: FrameOptions, ra
     """Decode `path` and build its four center-cropped clip stacks (see the module docstring)."""
     info, streams = video_streams(path, class_name, video, opts, raft)
     streams["lr_rgb"] = streams.pop("lr_up")
-    shape = (info["units"], CLIP_FRAMES, opts.side, opts.side, 3)
-    clips = {name: np.ascontiguousarray(center_crop(streams[name], opts.side)).reshape(shape) for name in STREAM_ORDER}
-    return PreparedVideo(class_name, video, clips, info)
+    return PreparedVideo(class_name, video, clip_stacks(streams, info["units"], opts.side), info)
 
 
 def consecutive_flows(images: list, opts: FrameOptions, raft=None, pairs_per_batch: int = 32):
