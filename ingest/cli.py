@@ -242,10 +242,15 @@ def info_cmd(shards, as_json):
 @click.argument("videos", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--splits", "splits_dir", type=click.Path(exists=True, file_okay=False),
               help=SPLITS_HELP + " [required with VIDEOS]")
-@click.option("--clips", type=click.Path(exists=True, file_okay=False),
-              help="Read each video's clips from this clip set (build-clips) instead of VIDEOS: nothing decoded, no "
-                   "flow computed again; its split, validation, LR size, flow and crop size are the set's. From "
-                   "--storage raw clips the features equal those from the videos bit for bit.")
+@click.option("--clips", metavar="CLIPS",
+              help="Read each video's clips from this clip set (build-clips), a folder or any fsspec URL, instead "
+                   "of VIDEOS: nothing decoded, no flow computed again; its split, validation, LR size, flow and "
+                   "crop size are the set's. From --storage raw clips the features equal those from the videos bit "
+                   "for bit.")
+@click.option("--cache-dir", help="For a remote --clips: download each shard once into this local folder, shared by "
+              "the run's workers and every job on the machine [default: $ELR_CACHE_DIR].")
+@click.option("--cache-limit", help="The cache's size, e.g. 20GB: it must hold the set's shards of the split "
+              "[default: $ELR_CACHE_LIMIT].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Root of the feature tree, e.g. data/HMDB51.")
 @split_option
 @validation_option
@@ -318,8 +323,9 @@ def extract_features_cmd(videos, splits_dir, out, quiet, num_jobs, job_index, fi
           --out data/HMDB51 --c3d-weights c3d.pickle --split 2 --device cuda --workers 12
       elr-ingest extract-features demo/videos --splits demo/splits --out demo/HMDB51 --random-c3d 0
       elr-ingest extract-features ... --resume          # after an interruption
-      elr-ingest extract-features --clips data/HMDB51-clips --out data/HMDB51 \
+      elr-ingest extract-features --clips data/HMDB51-clips --out data/HMDB51 \\
           --c3d-weights runs/c3d-rgb/best.pt --c3d-flow-weights runs/c3d-flow/best.pt   # from build-clips' clips
+      elr-ingest extract-features --clips s3://bucket/HMDB51-clips --cache-dir /scratch/cache --cache-limit 20GB ...
 
     \b
     Many GPUs or machines, each video exactly once (the tree equals one job's, byte for byte):
@@ -363,6 +369,8 @@ def check_source(videos, splits_dir, clips) -> None:
         return
     if videos or splits_dir:
         raise click.ClickException(f"--clips {clips} replaces VIDEOS and --splits: give one or the other")
+    if "://" not in clips and not os.path.isdir(clips):
+        raise click.ClickException(f"--clips {clips}: no such folder (a clip set: a folder or a URL)")
     ctx = click.get_current_context()
     for name in ("split", "validation", "lr_size", "flow", "flow_bound", "raft_weights"):
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:

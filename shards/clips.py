@@ -177,13 +177,14 @@ class ClipSet:
         return [(join_path(self.root, s["path"]), s) for phase in phases
                 for s in self.manifest["splits"][split][phase]["webdataset"]["shards"]]
 
-    def check_cache_room(self, split: str, phases) -> None:
-        """A remote set: refuse a cache limit that cannot hold every shard of the phases (one CacheError)."""
+    def check_cache_room(self, split: str, phases, reader: str = "") -> None:
+        """A remote set: refuse a cache limit that cannot hold every shard of the phases (one CacheError
+        saying why they are all needed: `reader`, else training's random reads)."""
         if self.cache is not None:
             sizes = [s["bytes"] for _, s in self.shards(split, phases)]
-            self.cache.check_room(sizes, len(sizes), why=(
-                f"units of all {len(sizes)} shards of {', '.join(phases)} are read at random in every epoch "
-                f"({human_bytes(sum(sizes))})"))
+            shards, size = f"all {len(sizes)} shards of {', '.join(phases)}", human_bytes(sum(sizes))
+            self.cache.check_room(sizes, len(sizes), why=f"{reader} ({shards}: {size})" if reader else
+                                  f"units of {shards} are read at random in every epoch ({size})")
 
     def download(self, split: str, phases, rank: int = 0, world: int = 1, threads: int = 4,
                  progress: bool = True) -> None:

@@ -14,6 +14,7 @@ import pytest
 from conftest import FAST, features_of, kill_after
 from ingest.clips.build import ClipsConfig, build_clips
 from ingest.videos.frames import FrameOptions, video_streams
+from shards.cache import human as human_bytes
 from shards.clips import STREAMS, ClipSet
 from shards.manifest import load_manifest
 from shards.verify import verify_shards
@@ -89,19 +90,32 @@ def test_every_unit_is_stored_as_the_video_gives_it(sample_tree, raw_clips, tmp_
     assert report["checked"]["clips"] == 15
 
 
-def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos(sample_tree, extracted, tmp_path,
-                                                                                  dask_client):
-    """--clips: no video decoded, no flow computed again; from raw clips the tree is the videos' tree,
-    byte for byte. The options a clip set fixes are refused with it, one line each."""
+@pytest.fixture(scope="module")
+def raw_clips16(sample_tree, tmp_path_factory, dask_client):
+    """Raw clips at extract-features' FAST crop (16): its features equal those from the videos."""
+    root, _ = sample_tree
+    out = str(tmp_path_factory.mktemp("clips16") / "raw16")
+    build_clips(f"{root}/videos", f"{root}/splits", ClipsConfig(out=out, side=FAST["side"], storage="raw",
+                                                                 min_shards=2, progress=False), client=dask_client)
+    return out
+
+
+def extract_cli(*args):
     from click.testing import CliRunner
 
-    from ingest.c3d.extract import ExtractConfig, extract_features
     from ingest.cli import cli as ingest_cli
 
+    return CliRunner().invoke(ingest_cli, ["extract-features", *args])
+
+
+def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos(sample_tree, extracted, raw_clips16,
+                                                                                  tmp_path, dask_client):
+    """--clips: no video decoded, no flow computed again; from raw clips the tree is the videos' tree,
+    byte for byte. The options a clip set fixes are refused with it, one line each."""
+    from ingest.c3d.extract import ExtractConfig, extract_features
+
     root, _ = sample_tree
-    clips = str(tmp_path / "clips16")
-    build_clips(f"{root}/videos", f"{root}/splits", ClipsConfig(out=clips, side=FAST["side"], storage="raw",
-                                                                 min_shards=2, progress=False), client=dask_client)
+    clips = raw_clips16
     out = str(tmp_path / "HMDB51")
     record = extract_features(None, None, out, ExtractConfig(**{**FAST, "side": None}, clips=clips), client=dask_client)
     videos_out, videos_record = extracted
@@ -112,7 +126,7 @@ def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos
     assert record["phases"] == videos_record["phases"]
 
     def one_line(*args) -> str:
-        done = CliRunner().invoke(ingest_cli, ["extract-features", *args, "--out", str(tmp_path / "x"), "--random-c3d", "0"])
+        done = extract_cli(*args, "--out", str(tmp_path / "x"), "--random-c3d", "0")
         assert done.exit_code == 1 and len(done.output.strip().splitlines()) == 1, done.output
         return done.output.strip()
 
@@ -123,7 +137,44 @@ def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos
                                           "--clips CLIPS (a clip set build-clips made from them)")
     assert one_line("--clips", clips, "--crop-size", "32") == \
         f"Error: --crop-size 32: the clip set {clips} holds frames for --crop-size 16"
+    assert one_line("--clips", str(tmp_path / "nothing")) == \
+        f"Error: --clips {tmp_path / 'nothing'}: no such folder (a clip set: a folder or a URL)"
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_extract_features_from_a_remote_clip_set_as_two_jobs(extracted, raw_clips16, tmp_path, http_server,
+                                                             dask_client):
+    """--clips URL through --cache-dir, as 2 jobs and --finish: the videos' tree byte for byte, each
+    shard fetched once for both jobs and all their preparing workers; a missing or small cache is one
+    line before anything is fetched."""
+    from ingest.c3d.extract import ExtractConfig, extract_features
+
+    server = http_server(os.path.dirname(raw_clips16))
+    url, cache = f"{server.url}/{os.path.basename(raw_clips16)}", str(tmp_path / "cache")
+    base = ["--clips", url, "--out", str(tmp_path / "x"), "--random-c3d", "0"]
+    done = extract_cli(*base)
+    assert done.exit_code == 1 and done.output.strip() == (
+        f"Error: {url}: a remote clip set is read through a local cache (its units are read at random, a few at a "
+        "time): give --cache-dir DIR --cache-limit SIZE (or ELR_CACHE_DIR, ELR_CACHE_LIMIT)"), done.output
+    phases = load_manifest(raw_clips16)["splits"]["Split1"]
+    shards = [s for phase in phases.values() for s in phase["webdataset"]["shards"]]
+    total = sum(s["bytes"] for s in shards)
+    done = extract_cli(*base, "--cache-dir", cache, "--cache-limit", "1KB")
+    assert done.exit_code == 1 and done.output.strip() == (
+        "Error: --cache-limit 1.0 KB is too small: extract-features reads every video of the split, in class order, "
+        f"from shards in any order (all {len(shards)} shards of {', '.join(phases)}: "
+        f"{human_bytes(total)}); give at least --cache-limit {total}"), done.output
+    assert not server.fetched() and not os.path.exists(tmp_path / "x")
+
+    out = str(tmp_path / "HMDB51")
+    options = dict(FAST, side=None, clips=url, cache_dir=cache, cache_limit="1GB", num_jobs=2)
+    for index in (0, 1):
+        extract_features(None, None, out, ExtractConfig(**options, job_index=index), client=dask_client)
+    record = extract_features(None, None, out, ExtractConfig(**options, finish=True), client=dask_client)
+    videos_out, _ = extracted
+    assert features_of(out) == features_of(videos_out)
+    assert record["inputs"] == {"clips": url, "clips_digest": record["clips_digest"]}
+    assert server.fetched() == {f"/{os.path.basename(raw_clips16)}/{s['path']}": 1 for s in shards}
 
 
 def test_info_summarises_a_clip_set(raw_clips):

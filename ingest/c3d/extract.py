@@ -26,7 +26,7 @@ from shards.progress import Progress
 
 from ingest.videos.flow import METHODS, check_method
 from ingest.videos.frames import FrameOptions
-from ingest.videos.splits import PHASE_OF_LABEL, checked_plan
+from ingest.videos.splits import PHASE_OF_LABEL
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, WeightsError, load_c3d, random_c3d, weights_conventions
 from .jobs import balanced_share, finish_jobs, header_frame_counts
@@ -59,6 +59,8 @@ class ExtractConfig:
     scheduler: str | None = None  # a dask.distributed scheduler address instead of local workers
     c3d_workers: int = 0  # local workers with a GPU resource each, running C3D themselves (one per GPU)
     clips: str | None = None  # a clip set (build-clips) to read the clips from instead of the videos (sources.py)
+    cache_dir: str | None = None  # a remote clip set's shards are downloaded once into this folder (shards.cache)
+    cache_limit: str | None = None
     num_jobs: int = 1  # independent jobs sharing the split (jobs.py); each runs with its job_index
     job_index: int = 0
     finish: bool = False  # check the num_jobs jobs' journals and write features.json
@@ -67,6 +69,7 @@ class ExtractConfig:
     progress: bool = True
     # resolved at the start (not user options)
     resolved: dict = field(default_factory=dict, repr=False)
+    clip_cache: object = field(default=None, init=False, repr=False)  # the ShardCache of a remote --clips
 
     def __post_init__(self):
         if self.clips:
@@ -108,11 +111,11 @@ class ExtractConfig:
     def adopt_clip_set(self) -> None:
         """--clips: the split, validation, LR size and flow the clip set was built with, and its crop side
         (a fine-tuned --c3d-weights must have been trained at it)."""
-        found = clip_set_options(self.clips)
+        from shards.cache import ShardCache
+
+        self.clip_cache = ShardCache.from_options(self.cache_dir, self.cache_limit)
+        found = clip_set_options(self.clips, self.clip_cache)
         side = found.pop("side")
-        if self.num_jobs > 1 or self.finish:
-            raise ValueError("--num-jobs: with --clips run one job (no video is decoded and no flow computed: C3D "
-                             "is the work; --device cuda, or --c3d-workers N for N GPUs)")
         if self.side is not None and self.side != side:
             raise ValueError(f"--crop-size {self.side}: the clip set {self.clips} holds frames for --crop-size {side}")
         for path in dict.fromkeys(p for p in (self.c3d_weights, self.c3d_flow_weights) if p and self.random_c3d is None):
@@ -152,7 +155,7 @@ class ExtractConfig:
         options["lr_size"] = list(self.lr_size)
         options["channels"] = CHANNELS  # the order frames reach C3D in (older trees: RGB, unrecorded)
         if self.clips:  # the clip set decides the frames: a --resume over another one is refused
-            options["clips_digest"] = clip_set_digest(self.clips)
+            options["clips_digest"] = clip_set_digest(self.clips, self.clip_cache)
         return {**options, **self.resolved}
 
 
@@ -187,7 +190,7 @@ def extract_features(videos: str, splits: str, out: str, cfg: ExtractConfig, cli
     Job I of N (cfg.num_jobs > 1) writes its share and journal only and returns {"job": ...}; the
     --finish step checks them all and writes features.json (jobs.py)."""
     if cfg.finish:
-        plan = checked_plan(videos, splits, cfg.split, cfg.validation, cfg.on_error)
+        plan = plan_source(videos, splits, cfg)
         split = f"Split{cfg.split}"
         inputs = source_inputs(videos, splits, cfg)
         return finish_jobs(out, split, plan, cfg,
