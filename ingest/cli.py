@@ -369,7 +369,9 @@ def check_source(videos, splits_dir, clips) -> None:
         return
     if videos or splits_dir:
         raise click.ClickException(f"--clips {clips} replaces VIDEOS and --splits: give one or the other")
-    if "://" not in clips and not os.path.isdir(clips):
+    from shards.remote import is_url
+
+    if not is_url(clips) and not os.path.isdir(clips):
         raise click.ClickException(f"--clips {clips}: no such folder (a clip set: a folder or a URL)")
     ctx = click.get_current_context()
     for name in ("split", "validation", "lr_size", "flow", "flow_bound", "raft_weights"):

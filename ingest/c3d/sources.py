@@ -101,8 +101,8 @@ def source_inputs(videos: str | None, splits: str | None, cfg) -> dict:
     """features.json's "inputs": the video and split folders, or the clip set (and its manifest's digest)."""
     if not cfg.clips:
         return {"videos": os.path.abspath(videos), "splits": os.path.abspath(splits)}
-    clips = open_clip_set(cfg.clips, cfg.clip_cache)
-    return {"clips": clips.root, "clips_digest": clip_set_digest(cfg.clips, cfg.clip_cache)}
+    return {"clips": open_clip_set(cfg.clips, cfg.clip_cache).root,
+            "clips_digest": clip_set_digest(cfg.clips, cfg.clip_cache)}
 
 
 def prepare_from_clips(job: ClipJob, side: int) -> PreparedVideo:
