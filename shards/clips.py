@@ -187,10 +187,11 @@ class ClipSet:
                                   f"units of {shards} are read at random in every epoch ({size})")
 
     def download(self, split: str, phases, rank: int = 0, world: int = 1, threads: int = 4,
-                 progress: bool = True) -> None:
-        """A remote set: every shard of the phases into the cache, checked against its sha256 (a copy
-        already there is kept). The limit must hold them all; ranks start at different shards and meet
-        at the entries' locks, so each shard is downloaded once per machine."""
+                 progress: bool = True, videos=None) -> None:
+        """A remote set: every shard of the phases (or only those holding `videos`, [(phase, index in
+        its sample table)]) into the cache, checked against its sha256 (a copy already there is kept).
+        The limit must hold every shard of the phases; ranks start at different shards and meet at the
+        entries' locks, so each shard is downloaded once per machine."""
         from concurrent.futures import ThreadPoolExecutor
 
         from .progress import Progress
@@ -199,6 +200,10 @@ class ClipSet:
             return
         self.check_cache_room(split, phases)
         shards = self.shards(split, phases)
+        if videos is not None:
+            wanted = {(phase, self.videos(split, phase)[index]["shard"]) for phase, index in videos}
+            shards = [(url, s) for (url, s), phase in zip(shards, self._phase_of_shards(split, phases))
+                      if (phase, os.path.basename(s["path"])) in wanted]
         start = len(shards) * rank // world
         shards = shards[start:] + shards[:start]
 
@@ -211,6 +216,10 @@ class ClipSet:
                       disable=not progress, file=sys.stderr, leave=False) as bar, ThreadPoolExecutor(threads) as pool:
             for n in pool.map(fetch, shards):
                 bar.update(n)
+
+    def _phase_of_shards(self, split: str, phases) -> list:
+        """The phase of each of self.shards(split, phases), in that order."""
+        return [phase for phase in phases for _ in self.manifest["splits"][split][phase]["webdataset"]["shards"]]
 
     def phases(self, split: str) -> list:
         return list(self.manifest["splits"].get(split, {}))

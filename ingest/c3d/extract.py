@@ -30,7 +30,7 @@ from ingest.videos.splits import PHASE_OF_LABEL
 
 from .network import CHANNELS, INPUT_SIDE, POOL5, WeightsError, load_c3d, random_c3d, weights_conventions
 from .jobs import balanced_share, finish_jobs, header_frame_counts
-from .sources import clip_set_digest, clip_set_options, plan_source, source_inputs
+from .sources import clip_set_digest, clip_set_options, open_clip_set, plan_source, source_inputs
 from .tasks import chunk_tasks, chunks, ordered_results, prepare_task, resolve_here
 from .tree import (FEATURES_JSON, Journal, check_output, job_journals, make_folders, output_paths,
                    read_features_json)
@@ -313,6 +313,10 @@ def _extract(videos: str, splits: str, out: str, cfg: ExtractConfig, client) -> 
             journal.start(header)
         finished = {e["id"] for e in entries}
         todo = [job for job in mine if job.id not in finished]
+        if cfg.clip_cache is not None:  # a remote clip set: this job's shards into the cache, 4 at a time
+            open_clip_set(cfg.clips, cfg.clip_cache).download(split, sorted({job.phase for job in todo}),
+                                                              progress=cfg.progress,
+                                                              videos=[(job.phase, job.index) for job in todo])
         if workers is None:
             workers = held.enter_context(start_workers(cfg.workers))
 
