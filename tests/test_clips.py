@@ -148,6 +148,8 @@ def test_extract_features_from_a_remote_clip_set_as_two_jobs(extracted, raw_clip
     shard fetched once for both jobs and all their preparing workers; a missing or small cache is one
     line before anything is fetched."""
     from ingest.c3d.extract import ExtractConfig, extract_features
+    from ingest.c3d.jobs import balanced_share
+    from ingest.c3d.sources import plan_source
 
     server = http_server(os.path.dirname(raw_clips16))
     url, cache = f"{server.url}/{os.path.basename(raw_clips16)}", str(tmp_path / "cache")
@@ -168,8 +170,17 @@ def test_extract_features_from_a_remote_clip_set_as_two_jobs(extracted, raw_clip
 
     out = str(tmp_path / "HMDB51")
     options = dict(FAST, side=None, clips=url, cache_dir=cache, cache_limit="1GB", num_jobs=2)
-    for index in (0, 1):
-        extract_features(None, None, out, ExtractConfig(**options, job_index=index), client=dask_client)
+    first = ExtractConfig(**options, job_index=0)
+    mine = balanced_share(plan_source(None, None, first).jobs, 2, 0)
+    clip_set = ClipSet(raw_clips16)
+    holding = {(job.phase, clip_set.videos("Split1", job.phase)[job.index]["shard"]) for job in mine}
+    path_of = {(phase, os.path.basename(s["path"])): s["path"]
+               for phase in phases for s in phases[phase]["webdataset"]["shards"]}
+    extract_features(None, None, out, first, client=dask_client)
+    # job 0 downloads the shards that hold its videos, and no other
+    assert server.fetched() == {f"/{os.path.basename(raw_clips16)}/{path_of[h]}": 1 for h in holding}
+    assert len(holding) < len(shards)
+    extract_features(None, None, out, ExtractConfig(**options, job_index=1), client=dask_client)
     record = extract_features(None, None, out, ExtractConfig(**options, finish=True), client=dask_client)
     videos_out, _ = extracted
     assert features_of(out) == features_of(videos_out)
