@@ -11,6 +11,7 @@ from shards.cli import call, run_command_line
 from shards.demo import DemoConfig, make_demo
 from shards.info import format_info, shard_set_info
 from shards.parallel import job_index_from_env
+from shards.remote import is_url
 from shards.verify import verify_shards
 from shards.shardset import ShardSet
 
@@ -44,6 +45,22 @@ class FrameSize(click.ParamType):
         if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
             self.fail(f"{value!r} is not a frame size HxW (e.g. 12x16: 12 rows, 16 columns)", param, ctx)
         return int(h), int(w)
+
+
+class SetLocation(click.ParamType):
+    """A shard set or a clip set: a local folder, which must exist, or any fsspec URL (local_only: the
+    command reads every byte of it, so a URL is refused with why)."""
+    name = "PATH|URL"
+
+    def __init__(self, local_only: str = ""):
+        self.local_only = local_only
+
+    def convert(self, value, param, ctx):
+        if not is_url(str(value)):
+            return click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+        if self.local_only:
+            self.fail(f"{value}: {self.local_only}", param, ctx)
+        return value
 
 
 POSITIVE, COUNT = click.IntRange(min=1), click.IntRange(min=0)
@@ -182,7 +199,8 @@ def build_shards_cmd(data_root, out, splits, fmt, quiet, **options):
 
 
 @cli.command("verify")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=SetLocation(local_only="verify reads a local copy (it hashes every shard and decodes "
+                                             "every sample); download the set first"))
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Also check every array against this source tree, exactly.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -223,7 +241,7 @@ def verify_cmd(shards, source, as_json, workers, scheduler, quiet):
 
 
 @cli.command("info")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=SetLocation())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def info_cmd(shards, as_json):
     """Summarise a shard set or a clip set: splits, phases, videos, units, classes, bytes, shards, and
@@ -233,6 +251,7 @@ def info_cmd(shards, as_json):
     Examples:
       elr-ingest info data/HMDB51-shards --json | jq '.phases[].videos'
       elr-ingest info data/HMDB51-clips
+      elr-ingest info s3://bucket/HMDB51-shards     # a remote set: its manifest alone is read
     """
     info = call(shard_set_info, shards)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
@@ -242,7 +261,7 @@ def info_cmd(shards, as_json):
 @click.argument("videos", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--splits", "splits_dir", type=click.Path(exists=True, file_okay=False),
               help=SPLITS_HELP + " [required with VIDEOS]")
-@click.option("--clips", metavar="CLIPS",
+@click.option("--clips", type=SetLocation(), metavar="CLIPS",
               help="Read each video's clips from this clip set (build-clips), a folder or any fsspec URL, instead "
                    "of VIDEOS: nothing decoded, no flow computed again; its split, validation, LR size, flow and "
                    "crop size are the set's. From --storage raw clips the features equal those from the videos bit "
@@ -369,10 +388,6 @@ def check_source(videos, splits_dir, clips) -> None:
         return
     if videos or splits_dir:
         raise click.ClickException(f"--clips {clips} replaces VIDEOS and --splits: give one or the other")
-    from shards.remote import is_url
-
-    if not is_url(clips) and not os.path.isdir(clips):
-        raise click.ClickException(f"--clips {clips}: no such folder (a clip set: a folder or a URL)")
     ctx = click.get_current_context()
     for name in ("split", "validation", "lr_size", "flow", "flow_bound", "raft_weights"):
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:

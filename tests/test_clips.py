@@ -137,8 +137,9 @@ def test_extract_features_from_raw_clips_equals_extract_features_from_the_videos
                                           "--clips CLIPS (a clip set build-clips made from them)")
     assert one_line("--clips", clips, "--crop-size", "32") == \
         f"Error: --crop-size 32: the clip set {clips} holds frames for --crop-size 16"
-    assert one_line("--clips", str(tmp_path / "nothing")) == \
-        f"Error: --clips {tmp_path / 'nothing'}: no such folder (a clip set: a folder or a URL)"
+    done = extract_cli("--clips", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), "--random-c3d", "0")
+    assert done.exit_code == 2 and done.output.strip().splitlines()[-1] == \
+        f"Error: Invalid value for '--clips': Directory '{tmp_path / 'nothing'}' does not exist."
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -188,7 +189,7 @@ def test_extract_features_from_a_remote_clip_set_as_two_jobs(extracted, raw_clip
     assert server.fetched() == {f"/{os.path.basename(raw_clips16)}/{s['path']}": 1 for s in shards}
 
 
-def test_info_summarises_a_clip_set(raw_clips):
+def test_info_summarises_a_clip_set(raw_clips, http_server):
     from click.testing import CliRunner
 
     from ingest.cli import cli as ingest_cli
@@ -205,6 +206,12 @@ def test_info_summarises_a_clip_set(raw_clips):
     info = json.loads(CliRunner().invoke(ingest_cli, ["info", raw_clips, "--json"]).output)
     assert info["content"] == "clips" and info["clips"]["storage"] == "raw"
     assert sum(p["units"] for p in info["phases"]) == 15
+    # a remote set: the same summary from its manifest alone; verify refuses it, saying why
+    url = f"{http_server(os.path.dirname(raw_clips)).url}/{os.path.basename(raw_clips)}"
+    remote = json.loads(CliRunner().invoke(ingest_cli, ["info", url, "--json"]).output)
+    assert remote == {**info, "path": url}
+    assert one_line(cli("verify", url)) == (f"Error: Invalid value for 'SHARDS': {url}: verify reads a local copy (it "
+                                            "hashes every shard and decodes every sample); download the set first")
 
 
 def test_verify_finds_a_damaged_frame_and_each_reader_refuses_the_other_kind(raw_clips, tmp_path, dask_client,
