@@ -299,8 +299,10 @@ def check_source(videos, splits_dir, clips) -> None:
         return
     if videos or splits_dir:
         raise click.ClickException(f"--clips {clips} replaces VIDEOS and --splits: give one or the other")
+    from ingest.c3d.sources import CLIP_SET_OPTIONS
+
     ctx = click.get_current_context()
-    for name in ("split", "validation", "lr_size", "flow", "flow_bound", "raft_weights"):
+    for name in (*CLIP_SET_OPTIONS, "raft_weights"):
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
             raise click.ClickException(f"--{name.replace('_', '-')}: with --clips the clip set's own is used "
                                        "(build-clips fixed it when it computed the frames and flow)")

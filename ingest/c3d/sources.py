@@ -65,8 +65,8 @@ def clip_set_options(clips: str, cache=None) -> dict:
     phases = opened.phases(split)
     opened.check_cache_room(split, phases, reader="extract-features reads every video of the split, in class order, "
                             "from shards in any order")
-    return {"split": options["split"], "validation": options["validation"], "lr_size": tuple(options["lr_size"]),
-            "flow": options["flow"], "flow_bound": options["flow_bound"], "side": options["side"]}
+    found = {option: options[option] for option in CLIP_SET_OPTIONS}
+    return {**found, "lr_size": tuple(found["lr_size"]), "side": options["side"]}
 
 
 def plan_source(videos: str | None, splits: str | None, cfg) -> VideoPlan:
