@@ -200,10 +200,10 @@ class ClipSet:
             return
         self.check_cache_room(split, phases)
         shards = self.shards(split, phases)
-        if videos is not None:
+        if videos is not None:  # the shards holding them: a row names its shard by file name, within its phase
             wanted = {(phase, self.videos(split, phase)[index]["shard"]) for phase, index in videos}
-            shards = [(url, s) for (url, s), phase in zip(shards, self._phase_of_shards(split, phases))
-                      if (phase, os.path.basename(s["path"])) in wanted]
+            shards = [shard for phase in phases for shard in self.shards(split, [phase])
+                      if (phase, os.path.basename(shard[1]["path"])) in wanted]
         start = len(shards) * rank // world
         shards = shards[start:] + shards[:start]
 
@@ -216,10 +216,6 @@ class ClipSet:
                       disable=not progress, file=sys.stderr, leave=False) as bar, ThreadPoolExecutor(threads) as pool:
             for n in pool.map(fetch, shards):
                 bar.update(n)
-
-    def _phase_of_shards(self, split: str, phases) -> list:
-        """The phase of each of self.shards(split, phases), in that order."""
-        return [phase for phase in phases for _ in self.manifest["splits"][split][phase]["webdataset"]["shards"]]
 
     def phases(self, split: str) -> list:
         return list(self.manifest["splits"].get(split, {}))
